@@ -1,0 +1,1 @@
+"""Thin click wrappers, one module per subcommand; each exposes ``command``."""

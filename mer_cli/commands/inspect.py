@@ -1,0 +1,69 @@
+"""``mer inspect STORE``: what a store holds."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+
+@click.command("inspect")
+@click.argument("store", type=click.Path(file_okay=False, path_type=str))
+@click.option(
+    "--json", "as_json", is_flag=True, help="Print one JSON object instead of text."
+)
+def command(store: str, as_json: bool) -> None:
+    """Show what STORE holds: architecture, parameter and byte counts, dense bytes,
+    bytes per expert, data files and extent alignment.
+
+    \b
+    Example:
+      mer inspect mixtral.mer
+      mer inspect mixtral.mer --json | jq .bytes_per_expert
+    """
+    from mer_cli.inspect import summarize
+
+    info = summarize(store)
+    if as_json:
+        click.echo(json.dumps(info, indent=1))
+        return
+    from mer_cli.units import format_size as fs
+
+    m = info["model"]
+    click.echo(
+        f"store          {info['path']}  (format v{info['version']}, {info['created_by']})"
+    )
+    click.echo(
+        f"architecture   {m['arch']}: {m['num_layers']} layers, D={m['hidden_size']}, "
+        f"{m['num_heads']} heads / {m['num_kv_heads']} kv, "
+        f"{m['num_experts']} experts x F={m['expert_ffn']}, top-{m['top_k']}"
+        + (
+            f", shared expert F={m['shared_expert_ffn']}"
+            if m["shared_expert_ffn"]
+            else ""
+        )
+    )
+    click.echo(
+        f"parameters     {info['parameters'] / 1e9:.3f} B total, "
+        f"{info['active_parameters'] / 1e9:.3f} B active per token"
+    )
+    q = info["quantization"]
+    click.echo(
+        f"quantization   experts {q['experts']}, dense {q['dense']}, "
+        f"group {q['group_size']}, {q['scale_dtype']} scales"
+    )
+    click.echo(
+        f"dense          {fs(info['dense_bytes'])} in {info['dense_tensors']} tensors (resident)"
+    )
+    click.echo(
+        f"experts        {info['num_extents']} extents x {fs(info['bytes_per_expert'])} "
+        f"= {fs(info['expert_bytes'])}; aligned to {info['extent_alignment']} bytes: "
+        f"{'yes' if info['extents_aligned'] else 'NO'}"
+    )
+    click.echo(f"total          {fs(info['total_bytes'])}")
+    click.echo("files")
+    for f in info["files"]:
+        click.echo(
+            f"  {f['path']:40s} {f['role']:8s} {fs(f['nbytes']):>12s}  "
+            f"{f['extents']} extents  device {f['device']}"
+        )

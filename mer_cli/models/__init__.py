@@ -1,0 +1,1 @@
+"""Model architectures: configuration, tensor naming and forward passes."""
