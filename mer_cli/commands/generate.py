@@ -1,0 +1,167 @@
+"""``mer generate --model STORE --prompt TEXT``: streamed text generation."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+
+@click.command("generate")
+@click.option(
+    "--model",
+    "model",
+    metavar="STORE",
+    help="Store made by mer quantize (required for now; a built-in model comes later).",
+)
+@click.option("--prompt", metavar="TEXT", help="Prompt text; '-' reads it from stdin.")
+@click.option(
+    "--prompts-file",
+    type=click.Path(dir_okay=False),
+    metavar="FILE",
+    help='Many prompts: one per line, or JSON Lines with a "prompt" field.',
+)
+@click.option(
+    "--max-tokens", default=256, show_default=True, help="Most tokens to generate."
+)
+@click.option(
+    "--temperature",
+    default=0.0,
+    show_default=True,
+    help="0 = greedy; higher samples more freely.",
+)
+@click.option("--top-p", default=1.0, show_default=True, help="Nucleus sampling mass.")
+@click.option(
+    "--top-k", default=0, show_default=True, help="Sample among k best; 0 = off."
+)
+@click.option("--seed", type=int, help="Random seed; same seed, same text.")
+@click.option(
+    "--stop",
+    multiple=True,
+    metavar="TEXT",
+    help="Stop when this text appears (not printed). Repeatable.",
+)
+@click.option(
+    "--chat", is_flag=True, help="Wrap the prompt in the store's chat template."
+)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per prompt.")
+@click.option(
+    "--stats", is_flag=True, help="Print tok/s and time to first token on stderr."
+)
+@click.option("--threads", type=int, help="Compute threads [default: all cores].")
+@click.option(
+    "--ctx",
+    type=int,
+    help="Context length (KV cache positions) [default: min(max_position, 4096)].",
+)
+@click.option(
+    "--kv-cache",
+    "kv_dtype",
+    type=click.Choice(["f32", "f16"]),
+    default="f32",
+    show_default=True,
+    help="KV cache element type; f16 halves its memory.",
+)
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False),
+    help="Configuration file [default: $MER_CONFIG or ~/.config/mer/config.toml].",
+)
+def command(
+    model: str | None,
+    prompt: str | None,
+    prompts_file: str | None,
+    max_tokens: int,
+    temperature: float,
+    top_p: float,
+    top_k: int,
+    seed: int | None,
+    stop: tuple[str, ...],
+    chat: bool,
+    as_json: bool,
+    stats: bool,
+    threads: int | None,
+    ctx: int | None,
+    kv_dtype: str,
+    config_path: str | None,
+) -> None:
+    """Generate text from a prompt, streamed to stdout as tokens come.
+
+    With --json, each prompt gives one line: {"prompt", "completion",
+    "prompt_tokens", "completion_tokens", "finish_reason", "stats"}; finish_reason
+    is eos, stop, length (--max-tokens), context (--ctx full) or interrupted.
+    Ctrl-C stops and keeps what was generated.
+
+    \b
+    Examples:
+      mer generate --model mixtral.mer --prompt "The capital of France is"
+      echo "Write a haiku" | mer generate --model qwen.mer --prompt - --chat
+      mer generate --model m.mer --prompts-file prompts.jsonl --json > out.jsonl
+      mer generate --model m.mer --prompt "Once" --temperature 0.8 --seed 1 --stats
+    """
+    from mer_cli.config import load_config
+    from mer_cli.generate import GenerateOptions, generate_many, load, read_prompts
+
+    if not model:
+        raise click.UsageError(
+            "--model STORE is required: mer has no built-in model yet (one is "
+            "planned); make a store with `mer quantize CHECKPOINT -o STORE`"
+        )
+    if (prompt is None) == (prompts_file is None):
+        raise click.UsageError("give exactly one of --prompt TEXT and --prompts-file")
+    if prompt == "-":
+        prompt = sys.stdin.read()
+    prompts = [prompt] if prompt is not None else read_prompts(prompts_file)
+    options = GenerateOptions(
+        max_tokens=max_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        seed=seed,
+        stop=tuple(stop),
+        chat=chat,
+    )
+    options.check()
+    cfg = load_config(config_path)
+    engine, tok = load(
+        model, ctx=ctx, kv_dtype=kv_dtype, threads=threads or cfg.threads
+    )
+    out = sys.stdout
+    try:
+        for c in generate_many(engine, tok, prompts, options):
+            try:
+                for piece in c:
+                    if not as_json:
+                        out.write(piece)
+                        out.flush()
+            finally:
+                # also on Ctrl-C: what was generated so far goes out
+                if as_json:
+                    out.write(json.dumps(c.result.as_dict(), ensure_ascii=False) + "\n")
+                else:
+                    out.write("\n")
+                out.flush()
+                if stats:
+                    _print_stats(c.result)
+    finally:
+        engine.close()
+
+
+def _print_stats(result) -> None:
+    s = result.stats
+
+    def num(v, unit: str) -> str:
+        return "-" if v is None else f"{v:.2f} {unit}"
+
+    click.echo(
+        f"[{result.prompt_tokens} prompt tokens, {result.completion_tokens} generated, "
+        f"{result.finish_reason}] prefill {num(s.get('prefill_tok_s'), 'tok/s')}, "
+        f"decode {num(s.get('decode_tok_s'), 'tok/s')}, "
+        f"first token {num(s.get('time_to_first_token_s'), 's')}",
+        err=True,
+    )
+    src = s.get("source") or {}
+    if src:
+        click.echo("source: " + ", ".join(f"{k}={v}" for k, v in src.items()), err=True)

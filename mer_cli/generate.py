@@ -1,0 +1,270 @@
+"""Text generation over an :class:`~mer_cli.runtime.Engine`: prompt in, text
+pieces out as tokens come, and a result with token counts and timings.
+
+::
+
+    from mer_cli.generate import GenerateOptions, load, Completion
+    engine, tok = load("tiny.mer")
+    c = Completion(engine, tok, "Once upon a time", GenerateOptions(max_tokens=20))
+    for piece in c:
+        print(piece, end="", flush=True)
+    c.result.completion_tokens, c.result.stats["decode_tok_s"]
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mer_cli.errors import UsageError
+from mer_cli.sampling import Sampler, SamplingOptions
+
+# why generation ended
+FINISH_EOS = "eos"  # the model produced an end-of-sequence token
+FINISH_STOP = "stop"  # a --stop string appeared (it is not part of the text)
+FINISH_LENGTH = "length"  # --max-tokens reached
+FINISH_CONTEXT = "context"  # the KV cache (--ctx) is full
+FINISH_INTERRUPTED = "interrupted"  # Ctrl-C or the consumer stopped early
+
+
+@dataclass(frozen=True)
+class GenerateOptions:
+    max_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    chat: bool = False
+
+    def sampling(self) -> SamplingOptions:
+        return SamplingOptions(self.temperature, self.top_p, self.top_k, self.seed)
+
+    def check(self) -> None:
+        if self.max_tokens < 0:
+            raise UsageError(f"--max-tokens {self.max_tokens}: expected >= 0")
+        if any(s == "" for s in self.stop):
+            raise UsageError("--stop: an empty stop string would stop at once")
+        self.sampling().check()
+
+
+@dataclass
+class GenerateResult:
+    """One prompt's outcome (the shape of a ``--json`` line)."""
+
+    prompt: str
+    completion: str = ""
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    finish_reason: str = FINISH_INTERRUPTED
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def load(
+    model: str | Path,
+    *,
+    ctx: int | None = None,
+    kv_dtype: str = "f32",
+    threads: int | None = None,
+    source: Any = None,
+):
+    """Open a store and build its :class:`Engine` and :class:`Tokenizer`."""
+    from mer_cli.formats.store import Store
+    from mer_cli.runtime import Engine
+    from mer_cli.text import Tokenizer
+
+    store = Store.open(model)
+    tok = Tokenizer.from_store(store)
+    engine = Engine(store, source, ctx=ctx, kv_dtype=kv_dtype, threads=threads)
+    return engine, tok
+
+
+class Completion:
+    """Generate a completion of one prompt; iterate for the text pieces.
+
+    After the iteration ends (or is abandoned: ``close()``, an exception,
+    Ctrl-C), ``result`` holds the text produced so far and the counters.
+
+    Parameters
+    ----------
+    engine : Engine
+        Reset before the prompt runs.
+    tokenizer : Tokenizer
+    prompt : str
+        Raw text, or the user message when ``options.chat`` is set.
+    options : GenerateOptions
+    """
+
+    def __init__(self, engine, tokenizer, prompt: str, options: GenerateOptions):
+        options.check()
+        self.engine, self.tok, self.options = engine, tokenizer, options
+        self.result = GenerateResult(prompt=prompt)
+        self.tokens: list[int] = []  # generated ids (EOS excluded)
+
+    def __iter__(self) -> Iterator[str]:
+        o, eng, tok, res = self.options, self.engine, self.tok, self.result
+        t_start = time.perf_counter()
+        text = res.prompt
+        if o.chat:
+            text = tok.apply_chat_template([{"role": "user", "content": res.prompt}])
+        ids = tok.encode(text)
+        res.prompt_tokens = len(ids)
+        eng.reset()
+        eng.cache.check_room(len(ids))
+        sampler = Sampler(o.sampling())
+        t0 = {k: v for k, v in eng.timing.as_dict().items()}
+        stops = _StopMatcher(o.stop)
+        dec = tok.decoder(ids)
+        ttft = None
+        try:
+            if o.max_tokens == 0:
+                res.finish_reason = FINISH_LENGTH
+                return
+            logits = eng.prefill(ids)
+            while True:
+                token = sampler(logits)
+                if ttft is None:
+                    ttft = time.perf_counter() - t_start
+                if tok.is_eos(token):
+                    res.finish_reason = FINISH_EOS
+                    break
+                self.tokens.append(token)
+                res.completion_tokens = len(self.tokens)
+                piece, hit = stops.feed(dec.push(token))
+                if piece:
+                    res.completion += piece
+                    yield piece
+                if hit:
+                    res.finish_reason = FINISH_STOP
+                    return
+                if len(self.tokens) >= o.max_tokens:
+                    res.finish_reason = FINISH_LENGTH
+                    break
+                if eng.pos >= eng.ctx:
+                    res.finish_reason = FINISH_CONTEXT
+                    break
+                logits = eng.decode_step(token)
+            piece, hit = stops.feed(dec.flush(), final=True)
+            if hit:
+                res.finish_reason = FINISH_STOP
+            if piece:
+                res.completion += piece
+                yield piece
+        finally:
+            res.stats = _delta(t0, eng.timing.as_dict())
+            res.stats["time_to_first_token_s"] = (
+                round(ttft, 6) if ttft is not None else None
+            )
+            res.stats["seed"] = sampler.seed if o.temperature > 0 else None
+            res.stats["source"] = eng.source.stats()
+
+    def run(self) -> GenerateResult:
+        """Generate to the end and return the result."""
+        for _ in self:
+            pass
+        return self.result
+
+
+def generate(
+    engine, tokenizer, prompt: str, options: GenerateOptions | None = None
+) -> GenerateResult:
+    """Complete one prompt (no streaming); see :class:`Completion`."""
+    return Completion(engine, tokenizer, prompt, options or GenerateOptions()).run()
+
+
+def generate_many(
+    engine, tokenizer, prompts: Iterable[str], options: GenerateOptions | None = None
+) -> Iterator[Completion]:
+    """One :class:`Completion` per prompt, run one after another (iterate each
+    before taking the next)."""
+    options = options or GenerateOptions()
+    for p in prompts:
+        yield Completion(engine, tokenizer, p, options)
+
+
+def _delta(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
+    """Per-prompt timing from the engine's cumulative counters."""
+    d = {}
+    for k in ("prefill_tokens", "prefill_s", "decode_tokens", "decode_s"):
+        d[k] = after[k] - before[k]
+    d["prefill_s"] = round(d["prefill_s"], 6)
+    d["decode_s"] = round(d["decode_s"], 6)
+    d["prefill_tok_s"] = (
+        round(d["prefill_tokens"] / d["prefill_s"], 3) if d["prefill_s"] > 0 else None
+    )
+    d["decode_tok_s"] = (
+        round(d["decode_tokens"] / d["decode_s"], 3) if d["decode_s"] > 0 else None
+    )
+    return d
+
+
+class _StopMatcher:
+    """Cut streamed text at the first stop string; hold back a tail that could
+    still become one, so no stop text is ever emitted."""
+
+    def __init__(self, stops: Sequence[str]) -> None:
+        self.stops = [s for s in stops if s]
+        self.held = ""
+
+    def feed(self, piece: str, final: bool = False) -> tuple[str, bool]:
+        """Returns (text safe to emit, whether a stop string was found)."""
+        if not self.stops:
+            return piece, False
+        buf = self.held + piece
+        cut = min((i for i in (buf.find(s) for s in self.stops) if i >= 0), default=-1)
+        if cut >= 0:
+            self.held = ""
+            return buf[:cut], True
+        if final:
+            self.held = ""
+            return buf, False
+        keep = 0  # longest suffix of buf that is a proper prefix of a stop string
+        for s in self.stops:
+            for n in range(min(len(s) - 1, len(buf)), keep, -1):
+                if buf.endswith(s[:n]):
+                    keep = n
+                    break
+        self.held = buf[len(buf) - keep :] if keep else ""
+        return buf[: len(buf) - keep], False
+
+
+def read_prompts(path: str | Path) -> list[str]:
+    """Prompts from a file: one per line, or JSON Lines with a ``"prompt"`` field
+    (a file whose first non-blank line starts with ``{`` is read as JSONL).
+    Blank lines are skipped."""
+    import json
+
+    p = Path(path)
+    try:
+        lines = p.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise UsageError(f"--prompts-file {p}: no such file") from None
+    except UnicodeDecodeError as e:
+        raise UsageError(f"--prompts-file {p}: not UTF-8 text ({e})") from None
+    nonblank = [(i, s) for i, s in enumerate(lines, 1) if s.strip()]
+    if not nonblank:
+        raise UsageError(f"--prompts-file {p}: the file has no prompts")
+    if not nonblank[0][1].lstrip().startswith("{"):
+        return [s for _, s in nonblank]
+    out = []
+    for i, s in nonblank:
+        try:
+            obj = json.loads(s)
+        except json.JSONDecodeError as e:
+            raise UsageError(
+                f"--prompts-file {p}: line {i} is not valid JSON ({e.msg}); "
+                'write one {"prompt": "..."} object per line, or plain lines'
+            ) from None
+        if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str):
+            raise UsageError(
+                f"--prompts-file {p}: line {i} has no string field 'prompt'; "
+                'write one {"prompt": "..."} object per line'
+            )
+        out.append(obj["prompt"])
+    return out
