@@ -103,6 +103,11 @@ def from_hf_config(cfg: dict[str, Any], where: str = "config.json") -> ModelConf
         raise UnsupportedError(
             f"{where}: model_type is {mt!r}; mer supports {', '.join(SUPPORTED)}"
         )
+    rope = cfg.get("rope_scaling")
+    params = cfg.get("rope_parameters")  # transformers 5 moves rope_theta in here
+    if isinstance(params, dict) and cfg.get("rope_theta") is None:
+        cfg = {**cfg, "rope_theta": params.get("rope_theta")}
+        rope = rope or params
     g = lambda k, d=...: _get(cfg, k, where, d)  # noqa: E731
     D, H = int(g("hidden_size")), int(g("num_attention_heads"))
     common = dict(
@@ -118,7 +123,6 @@ def from_hf_config(cfg: dict[str, Any], where: str = "config.json") -> ModelConf
         max_position=int(g("max_position_embeddings", 4096)),
         tie_word_embeddings=bool(g("tie_word_embeddings", False)),
     )
-    rope = cfg.get("rope_scaling")
     if rope and rope.get("rope_type", rope.get("type")) not in (None, "default"):
         raise UnsupportedError(
             f"{where}: rope_scaling {rope!r} is not supported; mer implements plain RoPE"
@@ -154,7 +158,8 @@ def from_hf_config(cfg: dict[str, Any], where: str = "config.json") -> ModelConf
             attn_bias=(mt == "qwen2_moe") or bool(g("attention_bias", False)),
             qk_norm="head" if mt == "qwen3_moe" else "none",
             routing="softmax_topk",
-            norm_topk_prob=bool(g("norm_topk_prob", mt == "qwen3_moe")),
+            # transformers' Qwen2/Qwen3-MoE configs default to False when the key is absent
+            norm_topk_prob=bool(g("norm_topk_prob", False)),
             sliding_window=sw,
         )
     # olmoe
