@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "quantize",
         "Convert a Hugging Face checkpoint directory or a GGUF file into a store.",
     ),
+    "generate": ("generate", "Generate text from a prompt, streamed as tokens come."),
 }
 
 
