@@ -24,44 +24,131 @@ from __future__ import annotations
 
 import numpy as np
 
-from mer_cli.formats.quant import GROUP, QTensor, bf16_to_f32
+from mer_cli.formats.quant import QTensor, bf16_to_f32
+from mer_cli.kernels import q4 as _q4
+from mer_cli.kernels import q8 as _q8
+from mer_cli.kernels.config import get_threads, set_threads
+from mer_cli.kernels.cpu import best_path, check_path, supported_paths
+from mer_cli.kernels.q4 import QuantizedActivation, quantize_input
+
+__all__ = [
+    "QuantizedActivation",
+    "attention",
+    "best_path",
+    "get_threads",
+    "linear",
+    "quantize_activation",
+    "quantize_input",
+    "rms_norm",
+    "rope",
+    "set_threads",
+    "silu_mul",
+    "softmax",
+    "supported_paths",
+    "topk",
+]
+
+_ROW_BLOCK_BYTES = 1 << 20  # f16/bf16 weights are widened this many f32 bytes at a time
 
 
 def quantize_activation(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Q8_0-quantize activations per group of 32: int8 ``[T, C]``, f32 ``[T, C/32]``."""
-    T, C = x.shape
-    g = x.reshape(T, C // GROUP, GROUP)
-    d = (np.abs(g).max(axis=2) / np.float32(127)).astype(np.float32)
-    inv = np.where(d > 0, np.float32(1) / np.where(d > 0, d, 1), 0).astype(np.float32)
-    v = g * inv[..., None]
-    q = np.trunc(v + np.copysign(np.float32(0.5), v)).astype(np.int8)
-    return q.reshape(T, C), d
+    """Q8_0-quantize activations per group of 32: int8 ``[T, C]``, f32 ``[T, C/32]``.
+
+    ``d = max|x| / 127`` and ``q = roundf(x / d)`` (ggml's ``quantize_row_q8_0``);
+    :func:`quantize_input` returns the same numbers plus the kernels' layouts.
+    """
+    qa = quantize_input(np.atleast_2d(x))
+    return qa.q, qa.d
 
 
-def _weight_ints(w: QTensor) -> np.ndarray:
-    """Integer weight values ``[R, C]`` (q4: nibble - 8; q8: as stored)."""
-    if w.dtype == "q8":
-        return w.packed.astype(np.int32)
-    R, half = w.packed.shape
-    p = w.packed.reshape(R, half // 16, 16)
-    q = np.concatenate([p & 15, p >> 4], axis=2).astype(np.int32) - 8
-    return q.reshape(R, half * 2)
+def _run_quantized(w: QTensor, qa: QuantizedActivation, out: np.ndarray, path: str):
+    packed = np.ascontiguousarray(w.packed)
+    scales = np.ascontiguousarray(w.scales).view(np.uint16)
+    if w.dtype == "q4":
+        if path == "generic":
+            _q4.q4_generic(packed, scales, qa.q, qa.d, qa.gsum, _q4.HALF_TABLE, out)
+        else:
+            fn = _q4.q4_avx2 if path == "avx2" else _q4.q4_vnni512
+            fn(packed, scales, qa.lo, qa.hi, qa.corr, qa.dl, qa.q, qa.d, qa.gsum,
+               _q4.HALF_TABLE, out)  # fmt: skip
+    elif path == "generic":
+        _q8.q8_generic(packed, scales, qa.q, qa.d, _q4.HALF_TABLE, out)
+    elif path == "avx2":
+        _q8.q8_avx2(packed, scales, qa.q, qa.d, out)
+    else:
+        _q8.q8_vnni512(packed, scales, qa.q, qa.d, out)
 
 
-def linear(w, x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, np.float32)
-    if x.ndim == 1:
-        return linear(w, x[None])[0]
+def _out_array(out, T: int, R: int, vector: bool) -> np.ndarray:
+    if out is None:
+        return np.empty((T, R), np.float32)
+    shape = (R,) if vector else (T, R)
+    if (
+        out.shape != shape
+        or out.dtype != np.float32
+        or not out.flags.c_contiguous
+        or not out.flags.writeable
+    ):
+        raise ValueError(
+            f"out must be a writeable C-contiguous float32 array of shape {shape}, "
+            f"got {out.dtype} {out.shape}"
+        )
+    return out.reshape(T, R)
+
+
+def linear(w, x, out: np.ndarray | None = None, path: str | None = None) -> np.ndarray:
+    """``x @ w.T``: activations times a weight matrix stored as in the store.
+
+    Parameters
+    ----------
+    w : QTensor (q4/q8) ``[R, C]``, or ndarray ``[R, C]`` f32/f16, or ``uint16``
+        bf16 bit patterns. Read-only buffers (memmaps, slabs) are fine.
+    x : float ``[T, C]`` or ``[C]``, or a :class:`QuantizedActivation` from
+        :func:`quantize_input` (q4/q8 only: quantize once, multiply by several
+        matrices).
+    out : float32 ``[T, R]`` (``[R]`` for a vector ``x``), optional; written and
+        returned.
+    path : ``"vnni512"``, ``"avx2"`` or ``"generic"``; default
+        :func:`~mer_cli.kernels.cpu.best_path`.
+
+    Returns
+    -------
+    float32 ``[T, R]`` (``[R]`` when ``x`` is 1-D).
+
+    For q4/q8 weights the activations are quantized to int8 per group of 32
+    (ggml Q8_0) and the group dot products are exact integers.
+    """
     if isinstance(w, QTensor):
+        qa = x if isinstance(x, QuantizedActivation) else quantize_input(x)
         R, C = w.shape
-        xq, dx = quantize_activation(x)  # [T, C], [T, G]
-        wi = _weight_ints(w).reshape(R, C // GROUP, GROUP)
-        xi = xq.astype(np.int32).reshape(x.shape[0], C // GROUP, GROUP)
-        dots = np.einsum("rgj,tgj->trg", wi, xi).astype(np.float32)  # exact ints
-        scale = w.scales.astype(np.float32)[None] * dx[:, None, :]
-        return (dots * scale).sum(axis=2, dtype=np.float32)
-    wf = bf16_to_f32(w) if w.dtype == np.uint16 else np.asarray(w, np.float32)
-    return x @ wf.T
+        T, Cx = qa.shape
+        if Cx != C:
+            raise ValueError(
+                f"activation has {Cx} columns, weight [{R}, {C}] needs {C}"
+            )
+        res = _out_array(out, T, R, qa.vector)
+        _run_quantized(w, qa, res, check_path(path) if path else best_path())
+        return (
+            res[0] if qa.vector and out is None else (out if out is not None else res)
+        )
+    if isinstance(x, QuantizedActivation):
+        raise TypeError("a QuantizedActivation only multiplies q4/q8 weights")
+    vector = np.ndim(x) == 1
+    x2 = np.atleast_2d(np.asarray(x, np.float32))
+    R, C = w.shape
+    T = x2.shape[0]
+    res = _out_array(out, T, R, vector)
+    if w.dtype == np.float32:
+        np.dot(x2, w.T, out=res)
+    else:
+        step = max(1, _ROW_BLOCK_BYTES // (4 * C))
+        for r0 in range(0, R, step):
+            blk = w[r0 : r0 + step]
+            wf = bf16_to_f32(blk) if w.dtype == np.uint16 else blk.astype(np.float32)
+            res[:, r0 : r0 + step] = x2 @ wf.T
+    if out is not None:
+        return out
+    return res[0] if vector else res
 
 
 def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:

@@ -1,0 +1,147 @@
+#!/usr/bin/env python3
+"""q4 matrix-vector / matrix-matrix speed against the memory-read ceiling.
+
+For each Mixtral shape (14336x4096 = w1/w3, 4096x14336 = w2) it builds enough
+distinct q4 matrices (random nibbles, random-sign fp16 scales) that, rotated
+call after call, the weights stream from DRAM (> 8x the L3 cache), then times,
+in the same run and alternating:
+
+* ``read``: a pass that reads every packed and scale byte once (no maths),
+  the ceiling numba code can reach on this machine at this moment;
+* ``linear`` on each CPU path this machine can run, for T = 1, 8, 64 tokens
+  (activations pre-quantized once, as the forward pass does).
+
+It prints GB/s of weight bytes (packed + fp16 scales) per call, the ratio to
+the read pass, and for T > 1 the effective GFLOP/s (2 x R x C x T per call).
+Usage: ``python benchmarks/kernels.py [--threads N] [--iters 20] [--paths ...]``.
+The machine may be shared: compare only figures from one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numba
+import numpy as np
+from numba import njit, prange
+
+from mer_cli.formats.quant import QTensor
+from mer_cli.kernels import linear, quantize_input, set_threads, supported_paths
+
+
+@njit(parallel=True, nogil=True, cache=True)
+def read_pass(p64, s64, out):
+    """XOR-reduce every 8-byte word of each row: one read of the weight bytes."""
+    R = p64.shape[0]
+    for r in prange(R):
+        acc = np.uint64(0)
+        for j in range(p64.shape[1]):
+            acc ^= p64[r, j]
+        for j in range(s64.shape[1]):
+            acc ^= s64[r, j]
+        out[r] = acc
+
+
+def l3_bytes() -> int:
+    try:
+        with open("/sys/devices/system/cpu/cpu0/cache/index3/size") as f:
+            s = f.read().strip()
+        mult = {"K": 1 << 10, "M": 1 << 20}.get(s[-1], 1)
+        return int(s.rstrip("KM")) * mult
+    except (OSError, ValueError):
+        return 32 << 20
+
+
+def make_mats(rng, n, R, C):
+    mats = []
+    for _ in range(n):
+        packed = rng.integers(0, 256, size=(R, C // 2), dtype=np.uint8)
+        sc = rng.standard_normal((R, C // 32)).astype(np.float32) * np.float32(0.002)
+        mats.append(QTensor("q4", packed, sc.astype(np.float16)))
+    return mats
+
+
+def timed(fn, n_mat, iters):
+    ts = []
+    for i in range(iters):
+        t = time.perf_counter()
+        fn(i % n_mat)
+        ts.append(time.perf_counter() - t)
+    return float(np.median(ts))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--threads", type=int, default=None, help="default: all cores")
+    ap.add_argument("--iters", type=int, default=20, help="calls per measurement")
+    ap.add_argument("--paths", default=",".join(supported_paths()))
+    ap.add_argument("--tokens", default="1,8,64")
+    ap.add_argument("--shapes", default="14336x4096,4096x14336")
+    ap.add_argument("--l3-factor", type=float, default=8.5, help="weights / L3 size")
+    args = ap.parse_args()
+    threads = set_threads(args.threads)
+    paths = args.paths.split(",")
+    tokens = [int(t) for t in args.tokens.split(",")]
+    rng = np.random.default_rng(0)
+    print(
+        f"numba {numba.__version__}, {threads} threads, paths {paths}, "
+        f"L3 {l3_bytes() >> 20} MiB"
+    )
+    rows = []
+    for shp in args.shapes.split(","):
+        R, C = map(int, shp.split("x"))
+        nbytes = R * C // 2 + R * C // 32 * 2
+        n_mat = max(2, int(np.ceil(args.l3_factor * l3_bytes() / nbytes)))
+        mats = make_mats(rng, n_mat, R, C)
+        print(
+            f"\n{R}x{C}: {nbytes / 1e6:.1f} MB per matrix, {n_mat} matrices "
+            f"({n_mat * nbytes / 1e6:.0f} MB rotated)",
+            flush=True,
+        )
+        sink = np.zeros(R, np.uint64)
+        p64 = [m.packed.view(np.uint64) for m in mats]
+        s64 = [m.scales.view(np.uint64) for m in mats]
+        read_pass(p64[0], s64[0], sink)
+
+        def read(i, p64=p64, s64=s64, sink=sink):
+            read_pass(p64[i], s64[i], sink)
+
+        xs = {
+            T: quantize_input(rng.standard_normal((T, C), dtype=np.float32))
+            for T in tokens
+        }
+        outs = {T: np.empty((T, R), np.float32) for T in tokens}
+        for path in paths:
+            for T in tokens:
+                qa, out = xs[T], outs[T]
+                linear(mats[0], qa, out=out, path=path)  # compile + warm
+
+                def run(i, qa=qa, out=out, path=path, mats=mats):
+                    linear(mats[i], qa, out=out, path=path)
+
+                iters = max(3, args.iters // max(1, T // 8))
+                t_read = timed(read, n_mat, args.iters)
+                t = timed(run, n_mat, iters)
+                t_read2 = timed(read, n_mat, args.iters)
+                ceil = nbytes / min(t_read, t_read2) / 1e9
+                gbs = nbytes / t / 1e9
+                gflops = 2 * R * C * T / t / 1e9
+                rows.append((shp, path, T, t * 1e3, gbs, ceil, gbs / ceil, gflops))
+                print(
+                    f"  {path:8s} T={T:<3d} {t * 1e3:8.2f} ms  {gbs:6.1f} GB/s  "
+                    f"read {ceil:6.1f} GB/s  ratio {gbs / ceil:5.2f}  "
+                    f"{gflops:7.1f} GFLOP/s",
+                    flush=True,
+                )
+        del mats, p64, s64
+    print("\nshape        path      T    ms/call   GB/s  read GB/s  ratio  GFLOP/s")
+    for shp, path, T, ms, gbs, ceil, ratio, gf in rows:
+        print(
+            f"{shp:12s} {path:8s} {T:3d} {ms:9.2f} {gbs:6.1f} {ceil:10.1f} "
+            f"{ratio:6.2f} {gf:8.1f}"
+        )
+
+
+if __name__ == "__main__":
+    main()

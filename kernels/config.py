@@ -1,0 +1,48 @@
+"""Numba compile flags for every kernel, in one place.
+
+``JIT`` is for serial kernels, ``PJIT`` for kernels parallel over rows (``prange``).
+``fastmath`` is off by default: it lets LLVM contract ``a*b+c`` into an FMA and
+reassociate sums, which changes the activation quantizer's rounding (it must
+match :func:`mer_cli.kernels.quantize_activation` bit for bit). Kernels whose
+numpy-twin tests allow summation-order differences use ``FAST``/``PFAST``
+(``nnan``-free fastmath: contraction and reassociation only, so infinities and
+NaNs still propagate the way numpy's do).
+"""
+
+from __future__ import annotations
+
+import os
+
+import numba
+
+#: fastmath flags that keep inf/nan semantics (``-inf`` masks in attention).
+FASTMATH = {"contract", "reassoc", "nsz", "arcp"}
+
+JIT = {"nogil": True, "cache": True}
+PJIT = {"nogil": True, "cache": True, "parallel": True}
+FAST = {**JIT, "fastmath": FASTMATH}
+PFAST = {**PJIT, "fastmath": FASTMATH}
+
+
+def set_threads(n: int | None = None) -> int:
+    """Use ``n`` threads in parallel kernels (``None``: all cores numba sees).
+
+    Returns the number now in use. Numba's setting is per calling thread, so a
+    worker thread that runs kernels should call this itself.
+    """
+    limit = numba.config.NUMBA_NUM_THREADS
+    if n is None:
+        n = limit
+    n = max(1, min(int(n), limit))
+    numba.set_num_threads(n)
+    return n
+
+
+def get_threads() -> int:
+    """Threads the parallel kernels use when called from this thread."""
+    return numba.get_num_threads()
+
+
+# MER_THREADS caps the default (e.g. for benchmarks beside other work).
+if os.environ.get("MER_THREADS"):
+    set_threads(int(os.environ["MER_THREADS"]))

@@ -1,0 +1,277 @@
+"""q4 (ggml Q4_0 order, group 32, fp16 scales) products and activation quantization.
+
+``x`` ``[T, C]`` is quantized once per call to int8 per group of 32 (Q8_0) into a
+:class:`QuantizedActivation` that every q4/q8 kernel reads; then for each weight
+row ``r`` and token ``t``::
+
+    out[t, r] = sum_g  s[r, g] * d[t, g] * sum_j (nibble[r, 32g+j] - 8) * xq[t, 32g+j]
+
+The inner sums are exact integers; only the per-group float products and their
+sum round. Kernels (one per CPU path, see :mod:`mer_cli.kernels.cpu`):
+
+* ``generic``: float arithmetic on the integer values (exact: every partial sum
+  is an integer below 2**24), two rows per step, LLVM-vectorized;
+* ``avx2``: :data:`~mer_cli.kernels.llvm_simd.Q4_AVX2`, 64 weights per step;
+* ``vnni512``: :data:`~mer_cli.kernels.llvm_simd.Q4_VNNI`, 128 weights per step,
+  the AVX2 step and a scalar group for the columns left over.
+
+Rows are split over threads (``prange``); for ``T > 1`` each pair of rows meets
+blocks of 4 tokens while its bytes are in L1, so weights stream from DRAM once.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import numpy as np
+from numba import njit, prange
+
+from mer_cli.formats.quant import GROUP
+from mer_cli.kernels.config import JIT, PJIT
+from mer_cli.kernels.llvm_simd import Q4_AVX2, Q4_VNNI
+
+#: fp16 bit pattern -> float32 (the generic path's scale decoder; 256 KiB)
+HALF_TABLE = np.arange(65536, dtype=np.uint32).astype(np.uint16).view(np.float16)
+HALF_TABLE = HALF_TABLE.astype(np.float32)
+HALF_TABLE.flags.writeable = False
+
+
+class QuantizedActivation(NamedTuple):
+    """Activations ``[T, C]`` quantized to int8 per group of 32, in the layouts
+    the kernels read. Build with :func:`quantize_input`; reuse it for every
+    matrix that multiplies the same ``x``.
+
+    Attributes
+    ----------
+    q : int8 ``[T, C]``
+        ``roundf(x / d)``, natural column order.
+    d : float32 ``[T, C/32]``
+        Per-group scale ``max|x| / 127``.
+    gsum : int32 ``[T, C/32]``
+        Sum of ``q`` over each group (the q4 offset correction).
+    lo, hi : int8 ``[T, C/2]``
+        ``lo[t, 16g+j] = q[t, 32g+j]``, ``hi[t, 16g+j] = q[t, 32g+16+j]``: the
+        values that meet the low / high nibbles of packed byte ``16g+j``.
+    corr : int32 ``[T, C/8]``
+        ``-8 *`` the sum of the 4 ``lo`` and 4 ``hi`` bytes of each int32 lane.
+    dl : float32 ``[T, C/8]``
+        ``d`` of the lane's group (4 lanes per group).
+    vector : bool
+        ``x`` was 1-D; :func:`~mer_cli.kernels.linear` then returns ``[R]``.
+    """
+
+    q: np.ndarray
+    d: np.ndarray
+    gsum: np.ndarray
+    lo: np.ndarray
+    hi: np.ndarray
+    corr: np.ndarray
+    dl: np.ndarray
+    vector: bool = False
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.q.shape
+
+
+@njit(**PJIT)
+def _quantize(x, q, d, gsum, lo, hi, corr, dl):
+    # No fastmath: x*inv + 0.5 must round twice in f32, exactly like numpy.
+    T, C = x.shape
+    for t in prange(T):
+        for g in range(C // 32):
+            c0 = 32 * g
+            amax = np.float32(0)
+            for j in range(32):
+                a = abs(x[t, c0 + j])
+                if a > amax:
+                    amax = a
+            dg = amax / np.float32(127)
+            inv = np.float32(1) / dg if dg > 0 else np.float32(0)
+            s = 0
+            for j in range(32):
+                v = x[t, c0 + j] * inv
+                h = np.float32(0.5) if v >= 0 else np.float32(-0.5)
+                qi = math.trunc(v + h)
+                q[t, c0 + j] = qi
+                s += qi
+            d[t, g] = dg
+            gsum[t, g] = s
+            for j in range(16):
+                lo[t, 16 * g + j] = q[t, c0 + j]
+                hi[t, 16 * g + j] = q[t, c0 + 16 + j]
+            for lane in range(4):
+                c = 0
+                for k in range(4):
+                    c += np.int32(lo[t, 16 * g + 4 * lane + k])
+                    c += np.int32(hi[t, 16 * g + 4 * lane + k])
+                corr[t, 4 * g + lane] = -8 * c
+                dl[t, 4 * g + lane] = dg
+
+
+def quantize_input(x: np.ndarray) -> QuantizedActivation:
+    """Quantize activations for q4/q8 products (ggml Q8_0 rounding).
+
+    Parameters
+    ----------
+    x : float ``[T, C]`` or ``[C]``, ``C`` a multiple of 32.
+
+    Returns
+    -------
+    QuantizedActivation
+    """
+    vector = np.ndim(x) == 1
+    x = np.ascontiguousarray(np.atleast_2d(x), dtype=np.float32)
+    T, C = x.shape
+    if C % GROUP:
+        raise ValueError(f"activation has {C} columns, not a multiple of {GROUP}")
+    G = C // GROUP
+    qa = QuantizedActivation(
+        np.empty((T, C), np.int8),
+        np.empty((T, G), np.float32),
+        np.empty((T, G), np.int32),
+        np.empty((T, C // 2), np.int8),
+        np.empty((T, C // 2), np.int8),
+        np.empty((T, C // 8), np.int32),
+        np.empty((T, C // 8), np.float32),
+        vector,
+    )
+    _quantize(x, *qa[:7])
+    return qa
+
+
+# ----------------------------------------------------------------------------- q4
+
+# intrinsics as module globals (numba resolves globals, not dict lookups)
+_A11, _A21, _A14, _A24 = (Q4_AVX2[k] for k in ((1, 1), (2, 1), (1, 4), (2, 4)))
+_V11, _V21, _V14, _V24 = (Q4_VNNI[k] for k in ((1, 1), (2, 1), (1, 4), (2, 4)))
+
+
+@njit(**JIT)
+def _q4_group(packed, scales, r, qa_q, qa_d, gsum, t, g, htab):
+    """One group's contribution (scalar; tails of the SIMD paths)."""
+    s = 0
+    for j in range(16):
+        b = np.int32(packed[r, 16 * g + j])
+        s += (b & 15) * np.int32(qa_q[t, 32 * g + j])
+        s += (b >> 4) * np.int32(qa_q[t, 32 * g + 16 + j])
+    s -= 8 * gsum[t, g]
+    return np.float32(s) * (htab[scales[r, g]] * qa_d[t, g])
+
+
+@njit(**PJIT)
+def q4_generic(packed, scales, q, d, gsum, htab, out):
+    """Portable q4 kernel: ``out[T, R]``; see the module docstring."""
+    R, half = packed.shape
+    T = q.shape[0]
+    G = half // 16
+    for rb in prange((R + 1) // 2):
+        r0 = 2 * rb
+        r1 = min(r0 + 1, R - 1)  # odd R: the last row is computed twice
+        for t in range(T):
+            a0 = np.float32(0)
+            a1 = np.float32(0)
+            for g in range(G):
+                s0 = np.float32(0)
+                s1 = np.float32(0)
+                for j in range(16):
+                    xl = np.float32(q[t, 32 * g + j])
+                    xh = np.float32(q[t, 32 * g + 16 + j])
+                    b0 = packed[r0, 16 * g + j]
+                    b1 = packed[r1, 16 * g + j]
+                    s0 += np.float32(b0 & 15) * xl + np.float32(b0 >> 4) * xh
+                    s1 += np.float32(b1 & 15) * xl + np.float32(b1 >> 4) * xh
+                c = np.float32(8 * gsum[t, g])
+                a0 += (s0 - c) * (htab[scales[r0, g]] * d[t, g])
+                a1 += (s1 - c) * (htab[scales[r1, g]] * d[t, g])
+            out[t, r0] = a0
+            out[t, r1] = a1
+
+
+@njit(**PJIT)
+def q4_avx2(packed, scales, lo, hi, corr, dl, q, d, gsum, htab, out):
+    """AVX2 q4 kernel: ``out[T, R]``; see the module docstring."""
+    R = packed.shape[0]
+    T = lo.shape[0]
+    G = scales.shape[1]
+    nch = G // 2
+    k21, k24, k11, k14 = _A21, _A24, _A11, _A14
+    for rb in prange((R + 1) // 2):
+        r = 2 * rb
+        t = 0
+        if r + 1 < R:
+            while t + 4 <= T:
+                v = k24(packed, scales, r, lo, hi, corr, dl, t, 0, nch)
+                for u in range(4):
+                    out[t + u, r] = v[u]
+                    out[t + u, r + 1] = v[4 + u]
+                t += 4
+            while t < T:
+                v2 = k21(packed, scales, r, lo, hi, corr, dl, t, 0, nch)
+                out[t, r] = v2[0]
+                out[t, r + 1] = v2[1]
+                t += 1
+        else:
+            while t + 4 <= T:
+                v4 = k14(packed, scales, r, lo, hi, corr, dl, t, 0, nch)
+                for u in range(4):
+                    out[t + u, r] = v4[u]
+                t += 4
+            while t < T:
+                out[t, r] = k11(packed, scales, r, lo, hi, corr, dl, t, 0, nch)[0]
+                t += 1
+        if G % 2:
+            for rr in range(r, min(r + 2, R)):
+                for tt in range(T):
+                    out[tt, rr] += _q4_group(
+                        packed, scales, rr, q, d, gsum, tt, G - 1, htab
+                    )
+
+
+@njit(**PJIT)
+def q4_vnni512(packed, scales, lo, hi, corr, dl, q, d, gsum, htab, out):
+    """AVX-512 VNNI q4 kernel: ``out[T, R]``; see the module docstring."""
+    R = packed.shape[0]
+    T = lo.shape[0]
+    G = scales.shape[1]
+    nch = G // 4
+    g2 = 4 * nch  # groups left for the AVX2 step (0 or 2) and a scalar group
+    n2 = (G - g2) // 2
+    k21, k24, k11, k14 = _V21, _V24, _V11, _V14
+    a11 = _A11
+    for rb in prange((R + 1) // 2):
+        r = 2 * rb
+        t = 0
+        if r + 1 < R:
+            while t + 4 <= T:
+                v = k24(packed, scales, r, lo, hi, corr, dl, t, 0, nch)
+                for u in range(4):
+                    out[t + u, r] = v[u]
+                    out[t + u, r + 1] = v[4 + u]
+                t += 4
+            while t < T:
+                v2 = k21(packed, scales, r, lo, hi, corr, dl, t, 0, nch)
+                out[t, r] = v2[0]
+                out[t, r + 1] = v2[1]
+                t += 1
+        else:
+            while t + 4 <= T:
+                v4 = k14(packed, scales, r, lo, hi, corr, dl, t, 0, nch)
+                for u in range(4):
+                    out[t + u, r] = v4[u]
+                t += 4
+            while t < T:
+                out[t, r] = k11(packed, scales, r, lo, hi, corr, dl, t, 0, nch)[0]
+                t += 1
+        if G > g2:
+            for rr in range(r, min(r + 2, R)):
+                for tt in range(T):
+                    acc = np.float32(0)
+                    if n2:
+                        acc += a11(packed, scales, rr, lo, hi, corr, dl, tt, g2, n2)[0]
+                    if G % 2:
+                        acc += _q4_group(
+                            packed, scales, rr, q, d, gsum, tt, G - 1, htab
+                        )
+                    out[tt, rr] += acc
