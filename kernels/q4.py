@@ -28,7 +28,7 @@ import numpy as np
 from numba import njit, prange
 
 from mer_cli.formats.quant import GROUP
-from mer_cli.kernels.config import JIT, PJIT
+from mer_cli.kernels.config import JIT, PFAST, PJIT
 from mer_cli.kernels.llvm_simd import Q4_AVX2, Q4_VNNI
 
 #: fp16 bit pattern -> float32 (the generic path's scale decoder; 256 KiB)
@@ -160,12 +160,14 @@ def _q4_group(packed, scales, r, qa_q, qa_d, gsum, t, g, htab):
     return np.float32(s) * (htab[scales[r, g]] * qa_d[t, g])
 
 
-@njit(**PJIT)
+@njit(**PFAST)
 def q4_generic(packed, scales, q, d, gsum, htab, out):
     """Portable q4 kernel: ``out[T, R]``; see the module docstring."""
     R, half = packed.shape
     T = q.shape[0]
     G = half // 16
+    m15 = np.int32(15)
+    s4 = np.int32(4)
     for rb in prange((R + 1) // 2):
         r0 = 2 * rb
         r1 = min(r0 + 1, R - 1)  # odd R: the last row is computed twice
@@ -178,10 +180,10 @@ def q4_generic(packed, scales, q, d, gsum, htab, out):
                 for j in range(16):
                     xl = np.float32(q[t, 32 * g + j])
                     xh = np.float32(q[t, 32 * g + 16 + j])
-                    b0 = packed[r0, 16 * g + j]
-                    b1 = packed[r1, 16 * g + j]
-                    s0 += np.float32(b0 & 15) * xl + np.float32(b0 >> 4) * xh
-                    s1 += np.float32(b1 & 15) * xl + np.float32(b1 >> 4) * xh
+                    b0 = np.int32(packed[r0, 16 * g + j])
+                    b1 = np.int32(packed[r1, 16 * g + j])
+                    s0 += np.float32(b0 & m15) * xl + np.float32(b0 >> s4) * xh
+                    s1 += np.float32(b1 & m15) * xl + np.float32(b1 >> s4) * xh
                 c = np.float32(8 * gsum[t, g])
                 a0 += (s0 - c) * (htab[scales[r0, g]] * d[t, g])
                 a1 += (s1 - c) * (htab[scales[r1, g]] * d[t, g])

@@ -12,14 +12,14 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from mer_cli.kernels.config import PJIT
+from mer_cli.kernels.config import PFAST, PJIT
 from mer_cli.kernels.llvm_simd import Q8_AVX2, Q8_VNNI
 
 _A11, _A21, _A14, _A24 = (Q8_AVX2[k] for k in ((1, 1), (2, 1), (1, 4), (2, 4)))
 _V11, _V21, _V14, _V24 = (Q8_VNNI[k] for k in ((1, 1), (2, 1), (1, 4), (2, 4)))
 
 
-@njit(**PJIT)
+@njit(**PFAST)
 def q8_generic(packed, scales, q, d, htab, out):
     """Portable q8 kernel: ``out[T, R]``."""
     R, C = packed.shape

@@ -1,0 +1,260 @@
+"""Every kernel path this CPU can run against the numpy twins in tests/naive.py.
+
+Tolerances:
+
+* Activation quantization is compared exactly (same f32 operations in the same
+  order, no fastmath).
+* q4/q8 products: the per-group integer dot products are exact on every path;
+  only the float products ``dot * (s * d)`` and the sum over groups round, in a
+  different order than numpy's. With unit roundoff u = 2**-24 and G groups the
+  difference is at most about ``(G + 16) * 2u * A`` where ``A = sum_g |s_g d_g|
+  sum_j |w_j x_j|`` (the sum of absolute terms); we assert that bound.
+* Float ops (norm, rope, softmax, attention): relative 1e-5 / absolute 1e-6 --
+  f32 evaluation with a different summation order than numpy's.
+"""
+
+from __future__ import annotations
+
+import naive
+import numpy as np
+import pytest
+
+from mer_cli import kernels as K
+from mer_cli.errors import UnsupportedError
+from mer_cli.formats.quant import (
+    GROUP,
+    QTensor,
+    f32_to_bf16,
+    quantize_q4,
+    quantize_q8,
+)
+from mer_cli.kernels import cpu
+
+RUNNABLE = cpu.supported_paths()
+ALL = [
+    pytest.param(
+        p,
+        marks=pytest.mark.skipif(
+            p not in RUNNABLE,
+            reason=f"CPU lacks {', '.join(cpu.missing_features(p))} for path {p}",
+        ),
+    )
+    for p in cpu.PATHS
+]
+
+
+def readonly(a: np.ndarray) -> np.ndarray:
+    a = np.array(a)
+    a.flags.writeable = False
+    return a
+
+
+def make_q(dtype: str, w: np.ndarray) -> QTensor:
+    p, s = quantize_q4(w) if dtype == "q4" else quantize_q8(w)
+    return QTensor(dtype, readonly(p), readonly(s))
+
+
+def awkward_x(rng, T: int, C: int) -> np.ndarray:
+    """Activations with all-zero groups, amax ties and huge/tiny groups."""
+    x = rng.standard_normal((T, C)).astype(np.float32)
+    G = C // GROUP
+    g = x.reshape(T, G, GROUP)
+    g[:, 0] = 0  # zero group: d = 0, q = 0
+    if G > 1:
+        g[:, 1] *= np.float32(1e4)
+    if G > 2:
+        g[:, 2] *= np.float32(1e-6)
+    if G > 3:
+        g[:, 3] = np.float32(127)  # every value at amax: q = 127
+        g[:, 3, ::2] = np.float32(-127)
+    if G > 4:
+        g[:, 4] = np.arange(GROUP) - np.float32(15.5)  # halves round away from 0
+    return x
+
+
+def assert_close_to_twin(y, w: QTensor, x: np.ndarray, what: str) -> None:
+    """``y`` equals the twin's ``linear(w, x)`` within the bound in the docstring."""
+    terms = naive.linear_terms(w, x)
+    ref = terms.sum(axis=-1, dtype=np.float64)
+    G = terms.shape[-1]
+    bound = (G + 16) * 2.0**-23 * abs_terms(w, x).sum(axis=-1)
+    err = np.abs(y.astype(np.float64) - ref)
+    assert np.all(err <= bound + 1e-30), (
+        f"{what}: max err {err.max():.3e}, bound there {bound.flat[err.argmax()]:.3e}"
+    )
+
+
+def abs_terms(w: QTensor, x: np.ndarray) -> np.ndarray:
+    """``|s d| * sum |w x|`` per group: the scale of the rounding error."""
+    xq, dx = naive.quantize_activation(x)
+    R, C = w.shape
+    wi = np.abs(naive.weight_ints(w)).reshape(R, C // GROUP, GROUP)
+    xi = np.abs(xq.astype(np.int64)).reshape(x.shape[0], C // GROUP, GROUP)
+    dots = np.einsum("rgj,tgj->trg", wi, xi).astype(np.float64)
+    return dots * np.abs(w.scales.astype(np.float64)[None] * dx[:, None, :])
+
+
+# ----------------------------------------------------------------------------- quantizer
+
+
+@pytest.mark.parametrize("C", [32, 96, 4128])
+def test_quantize_input_matches_twin_exactly(C):
+    rng = np.random.default_rng(C)
+    x = awkward_x(rng, 5, C)
+    qa = K.quantize_input(readonly(x))
+    q, d = naive.quantize_activation(x)
+    np.testing.assert_array_equal(qa.q, q)
+    np.testing.assert_array_equal(qa.d, d)
+    G = C // GROUP
+    gq = q.reshape(5, G, GROUP).astype(np.int32)
+    np.testing.assert_array_equal(qa.gsum, gq.sum(axis=2))
+    np.testing.assert_array_equal(qa.lo.reshape(5, G, 16), gq[:, :, :16])
+    np.testing.assert_array_equal(qa.hi.reshape(5, G, 16), gq[:, :, 16:])
+    lanes = (gq[:, :, :16] + gq[:, :, 16:]).reshape(5, G, 4, 4).sum(axis=3)
+    np.testing.assert_array_equal(qa.corr.reshape(5, G, 4), -8 * lanes)
+    np.testing.assert_array_equal(qa.dl.reshape(5, G, 4), np.repeat(d[..., None], 4, 2))
+    assert not qa.vector and K.quantize_input(x[0]).vector
+
+
+def test_quantize_activation_api_is_the_twin():
+    x = awkward_x(np.random.default_rng(1), 3, 160)
+    for a, b in zip(K.quantize_activation(x), naive.quantize_activation(x)):
+        np.testing.assert_array_equal(a, b)
+
+
+# ----------------------------------------------------------------------------- q4 / q8
+
+
+SHAPES = [(1, 32), (2, 64), (5, 96), (7, 160), (33, 352), (3, 4128)]
+
+
+@pytest.mark.parametrize("path", ALL)
+@pytest.mark.parametrize("dtype", ["q4", "q8"])
+@pytest.mark.parametrize("R,C", SHAPES)
+def test_linear_quantized_matches_twin(path, dtype, R, C):
+    rng = np.random.default_rng(R * 1000 + C)
+    w = rng.standard_normal((R, C)).astype(np.float32)
+    w[:, :GROUP] = 0  # an all-zero weight group (scale 0)
+    W = make_q(dtype, w)
+    for T in (1, 2, 3, 17):
+        x = readonly(awkward_x(rng, T, C))
+        y = K.linear(W, x, path=path)
+        assert y.shape == (T, R) and y.dtype == np.float32
+        assert_close_to_twin(y, W, x, f"{path} {dtype} R={R} C={C} T={T}")
+
+
+@pytest.mark.parametrize("path", ALL)
+@pytest.mark.parametrize("dtype", ["q4", "q8"])
+def test_linear_extreme_values(path, dtype):
+    """Largest integer products (|nibble-8| = 8, q8 -128/127, x = +-127) and
+    fp16 scale extremes (65504, subnormal, negative, zero)."""
+    R, C, T = 6, 224, 3
+    G = C // GROUP
+    rng = np.random.default_rng(7)
+    if dtype == "q4":
+        packed = np.zeros((R, C // 2), np.uint8)  # every nibble 0 -> weight -8
+        packed[1] = 0xFF  # weight +7
+        packed[2] = rng.integers(0, 256, C // 2, dtype=np.uint8)
+        packed[3, ::2] = 0xF0
+        packed[4] = 0x88  # weight 0
+        packed[5] = rng.integers(0, 256, C // 2, dtype=np.uint8)
+    else:
+        packed = np.full((R, C), -128, np.int8)
+        packed[1] = 127
+        packed[2] = rng.integers(-128, 128, C, dtype=np.int8)
+        packed[3, ::2] = -127
+        packed[4] = 0
+        packed[5] = rng.integers(-128, 128, C, dtype=np.int8)
+    scales = np.ones((R, G), np.float16)
+    scales[0, 0] = 65504
+    scales[1, 1] = np.float16(6e-8)  # subnormal
+    scales[2, :] = -np.float16(0.0123)
+    scales[3, 2] = 0
+    scales[5] = rng.standard_normal(G).astype(np.float16)
+    W = QTensor(dtype, readonly(packed), readonly(scales))
+    x = np.full((T, C), 127, np.float32)
+    x[1] = -127
+    x[2] = awkward_x(rng, 1, C)[0]
+    y = K.linear(W, x, path=path)
+    assert np.all(np.isfinite(y))
+    assert_close_to_twin(y, W, x, f"{path} {dtype} extremes")
+
+
+@pytest.mark.parametrize("path", ALL)
+def test_linear_reuses_quantized_input_and_out(path):
+    rng = np.random.default_rng(3)
+    W1 = make_q("q4", rng.standard_normal((9, 128)).astype(np.float32))
+    W2 = make_q("q8", rng.standard_normal((4, 128)).astype(np.float32))
+    x = rng.standard_normal(128).astype(np.float32)
+    qa = K.quantize_input(x)
+    out = np.full(9, np.nan, np.float32)
+    y1 = K.linear(W1, qa, out=out, path=path)
+    assert y1 is out and y1.shape == (9,)
+    np.testing.assert_array_equal(y1, K.linear(W1, x, path=path))
+    y2 = K.linear(W2, qa, path=path)
+    assert y2.shape == (4,)
+    assert_close_to_twin(y2[None], W2, x[None], "q8 vector")
+
+
+def test_paths_agree_with_each_other():
+    """All runnable paths give the same numbers up to the summation order."""
+    rng = np.random.default_rng(11)
+    W = make_q("q4", rng.standard_normal((17, 4096 + 96)).astype(np.float32))
+    x = rng.standard_normal((5, 4096 + 96)).astype(np.float32)
+    ys = {p: K.linear(W, x, path=p) for p in RUNNABLE}
+    for p, y in ys.items():
+        assert_close_to_twin(y, W, x, p)
+
+
+@pytest.mark.parametrize("enc", ["f32", "f16", "bf16"])
+def test_linear_float_weights(enc):
+    rng = np.random.default_rng(5)
+    w = rng.standard_normal((70, 48)).astype(np.float32)
+    wt = {"f32": w, "f16": w.astype(np.float16), "bf16": f32_to_bf16(w)}[enc]
+    wt = readonly(wt)
+    x = rng.standard_normal((3, 48)).astype(np.float32)
+    np.testing.assert_allclose(
+        K.linear(wt, x), naive.linear(wt, x), rtol=1e-5, atol=1e-5
+    )
+    out = np.empty(70, np.float32)
+    assert K.linear(wt, x[0], out=out) is out
+    np.testing.assert_allclose(out, naive.linear(wt, x[:1])[0], rtol=1e-5, atol=1e-5)
+
+
+def test_linear_rejects_bad_out_and_shapes():
+    W = make_q("q4", np.ones((4, 64), np.float32))
+    with pytest.raises(ValueError, match="out must be"):
+        K.linear(W, np.ones((2, 64), np.float32), out=np.empty((4, 2), np.float32))
+    with pytest.raises(ValueError, match="columns"):
+        K.linear(W, np.ones((2, 96), np.float32))
+    with pytest.raises(TypeError):
+        K.linear(np.ones((4, 64), np.float32), K.quantize_input(np.ones(64)))
+
+
+# ----------------------------------------------------------------------------- dispatch
+
+
+def test_path_choice_and_override(monkeypatch):
+    assert "generic" in RUNNABLE
+    monkeypatch.delenv(cpu.ENV, raising=False)
+    assert cpu.best_path() == RUNNABLE[0]
+    monkeypatch.setenv(cpu.ENV, "generic")
+    assert cpu.best_path() == "generic"
+    monkeypatch.setenv(cpu.ENV, "sse9")
+    with pytest.raises(UnsupportedError, match="MER_KERNEL_PATH='sse9'"):
+        cpu.best_path()
+
+
+@pytest.mark.skipif("vnni512" in RUNNABLE, reason="this CPU has AVX-512 VNNI")
+def test_forcing_a_path_the_cpu_lacks_is_an_error(monkeypatch):
+    monkeypatch.setenv(cpu.ENV, "vnni512")
+    with pytest.raises(UnsupportedError, match="avx512"):
+        K.linear(make_q("q4", np.ones((2, 128), np.float32)), np.ones(128))
+
+
+def test_set_threads():
+    import numba
+
+    n = numba.config.NUMBA_NUM_THREADS
+    assert K.set_threads(1) == 1 and K.get_threads() == 1
+    assert K.set_threads(None) == n
