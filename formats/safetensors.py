@@ -95,6 +95,11 @@ class SafetensorsFile:
             want = (
                 int(np.prod(shape, dtype=np.int64)) * np.dtype(DTYPES[dtype]).itemsize
             )
+            if not (isinstance(b, int) and isinstance(e, int)) or b < 0:
+                raise FormatError(
+                    f"{where}: data_offsets {[b, e]} are not offsets into the data; "
+                    "the file is corrupt"
+                )
             if e - b != want:
                 raise FormatError(
                     f"{where}: data_offsets {[b, e]} hold {e - b} bytes, expected {want} "
