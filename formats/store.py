@@ -572,6 +572,22 @@ class Store:
         return problems
 
 
+def _bad_fields(
+    entry: Any, keys: tuple[str, ...], label: str, where: str
+) -> str | None:
+    """A message when ``entry`` is not an object whose ``keys`` are integers >= 0."""
+    if not isinstance(entry, dict):
+        return f"{where}: {label} is {entry!r}, expected an object; re-run mer quantize"
+    for k in keys:
+        v = entry.get(k)
+        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+            return (
+                f"{where}: {label}.{k} is {v!r}, expected a whole number >= 0; "
+                "re-run mer quantize"
+            )
+    return None
+
+
 def check_manifest(path: Path, m: Any) -> list[str]:
     """Structural checks of a manifest; returns messages (empty when fine)."""
     where = str(path / MANIFEST)
@@ -610,10 +626,42 @@ def check_manifest(path: Path, m: Any) -> list[str]:
             else f"{where}: model/store_id invalid ({e})"
         ]
     problems: list[str] = []
+    for key, kind in (
+        ("files", list),
+        ("dense", dict),
+        ("experts", list),
+        ("expert_layout", dict),
+        ("quantization", dict),
+    ):
+        if not isinstance(m[key], kind):
+            return [
+                f"{where}: {key} is a {type(m[key]).__name__}, expected a "
+                f"{kind.__name__}; re-run mer quantize"
+            ]
     files = m["files"]
     nfiles = len(files)
-    sizes = [f.get("nbytes", 0) for f in files]
+    for i, f in enumerate(files):
+        bad = _bad_fields(f, ("nbytes",), f"files[{i}]", where)
+        if bad is None and not isinstance(f.get("path"), str):
+            bad = f"{where}: files[{i}].path is {f.get('path')!r}, expected a string"
+        if bad:
+            return [bad]
+    sizes = [f["nbytes"] for f in files]
     for name, d in m["dense"].items():
+        bad = _bad_fields(
+            d, ("file", "offset", "nbytes", "crc32"), f"dense[{name!r}]", where
+        )
+        if bad is None and not (
+            isinstance(d.get("shape"), list)
+            and all(isinstance(x, int) and x > 0 for x in d["shape"])
+        ):
+            bad = (
+                f"{where}: dense[{name!r}].shape is {d.get('shape')!r}, expected a "
+                "list of positive integers; re-run mer quantize"
+            )
+        if bad:
+            problems.append(bad)
+            continue
         f = d.get("file")
         if not isinstance(f, int) or not 0 <= f < nfiles:
             problems.append(
@@ -643,6 +691,12 @@ def check_manifest(path: Path, m: Any) -> list[str]:
                 f"the end of files[{f}] ({sizes[f]} bytes)"
             )
     lay = m["expert_layout"]
+    qe = m["quantization"].get("experts")
+    if qe not in quant.DTYPES:
+        return problems + [
+            f"{where}: quantization.experts is {qe!r}, expected one of "
+            f"{', '.join(quant.DTYPES)}; re-run mer quantize"
+        ]
     try:
         _, ext = expert_layout(cfg, m["quantization"]["experts"])
     except MerError as e:
@@ -651,8 +705,32 @@ def check_manifest(path: Path, m: Any) -> list[str]:
         problems.append(
             f"{where}: expert_layout.nbytes is {lay.get('nbytes')}, expected {ext}"
         )
+    parts, _ = expert_layout(cfg, m["quantization"]["experts"])
+    want_parts = {
+        k: {
+            "dtype": p.dtype,
+            "shape": list(p.shape),
+            "offset": p.offset,
+            "nbytes": p.nbytes,
+        }
+        for k, p in parts.items()
+    }
+    if lay.get("parts") != want_parts:
+        problems.append(
+            f"{where}: expert_layout.parts is {lay.get('parts')!r}, expected "
+            f"{want_parts!r}; re-run mer quantize"
+        )
     seen = set()
     for i, e in enumerate(m["experts"]):
+        bad = _bad_fields(
+            e,
+            ("layer", "expert", "file", "offset", "nbytes", "crc32"),
+            f"experts[{i}]",
+            where,
+        )
+        if bad:
+            problems.append(bad)
+            continue
         f = e.get("file")
         key = (e.get("layer"), e.get("expert"))
         if key in seen:
