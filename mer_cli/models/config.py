@@ -93,6 +93,16 @@ def _get(cfg: dict, key: str, where: str, default: Any = ...) -> Any:
     return default
 
 
+def _num_experts(cfg: dict, where: str) -> int:
+    # transformers 5 writes num_local_experts for Qwen3-MoE; Hub configs say num_experts
+    for key in ("num_experts", "num_local_experts"):
+        if cfg.get(key) is not None:
+            return int(cfg[key])
+    raise FormatError(
+        f"{where}: field 'num_experts' is missing; the checkpoint is incomplete"
+    )
+
+
 def from_hf_config(cfg: dict[str, Any], where: str = "config.json") -> ModelConfig:
     """Map a Hugging Face ``config.json`` onto :class:`ModelConfig`.
 
@@ -150,7 +160,7 @@ def from_hf_config(cfg: dict[str, Any], where: str = "config.json") -> ModelConf
         sw = cfg.get("sliding_window") if cfg.get("use_sliding_window") else None
         return ModelConfig(
             **common,
-            num_experts=int(g("num_experts")),
+            num_experts=_num_experts(cfg, where),
             top_k=int(g("num_experts_per_tok")),
             expert_ffn=int(g("moe_intermediate_size")),
             shared_expert_ffn=shared,
@@ -165,7 +175,7 @@ def from_hf_config(cfg: dict[str, Any], where: str = "config.json") -> ModelConf
     # olmoe
     return ModelConfig(
         **common,
-        num_experts=int(g("num_experts")),
+        num_experts=_num_experts(cfg, where),
         top_k=int(g("num_experts_per_tok")),
         expert_ffn=int(g("intermediate_size")),
         attn_bias=bool(g("attention_bias", False)),
