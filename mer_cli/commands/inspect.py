@@ -44,8 +44,8 @@ def command(store: str, as_json: bool) -> None:
         )
     )
     click.echo(
-        f"parameters     {info['parameters'] / 1e9:.3f} B total, "
-        f"{info['active_parameters'] / 1e9:.3f} B active per token"
+        f"parameters     {_count(info['parameters'])} total, "
+        f"{_count(info['active_parameters'])} active per token"
     )
     q = info["quantization"]
     click.echo(
@@ -67,3 +67,9 @@ def command(store: str, as_json: bool) -> None:
             f"  {f['path']:40s} {f['role']:8s} {fs(f['nbytes']):>12s}  "
             f"{f['extents']} extents  device {f['device']}"
         )
+
+
+def _count(n: int) -> str:
+    return (
+        f"{n / 1e9:.2f} B" if n >= 1e8 else f"{n / 1e6:.2f} M" if n >= 1e5 else f"{n:,}"
+    )
