@@ -68,8 +68,13 @@ def command(
     temporary name next to STORE and renamed into place when complete; an
     interrupted run leaves no store.
 
-    GGUF Q4_0 and Q8_0 tensors transcode bit-exactly into q4 and q8 (no
-    dequantize/requantize).
+    GGUF files (llama.cpp architectures llama with experts, qwen2moe,
+    qwen3moe, olmoe; hyperparameters and tokenizer from the metadata): Q4_0
+    and Q8_0 tensors transcode bit-exactly into q4 and q8 (no
+    dequantize/requantize); F32, F16 and BF16 are quantized as from a
+    checkpoint; any other type (Q4_K, Q6_K, IQ4_XS, ...) is dequantized and
+    quantized again with a printed warning, because that adds a second
+    quantization error; types the gguf package cannot dequantize are refused.
 
     \b
     Examples:
