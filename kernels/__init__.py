@@ -17,7 +17,12 @@ columns, R output rows, H heads, KV kv-heads, hd head dim, S cache length.
 * ``softmax(x)`` over the last axis; ``topk(x, k)`` -> (indices, values) sorted
   by value descending, ties to the lower index.
 
-The bodies here are the plain-numpy versions; faster paths replace them.
+q4/q8 products run on the fastest path the CPU has (``vnni512``, ``avx2``,
+``generic``; :mod:`mer_cli.kernels.cpu`, override with ``MER_KERNEL_PATH``).
+``quantize_input(x)`` quantizes activations once for several matrices
+(``linear(w, qa)``). ``set_threads(n)`` sets the parallel kernels' thread count
+(default: all cores). The numpy twins that define the semantics live in
+``tests/naive.py``.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from mer_cli.kernels import q4 as _q4
 from mer_cli.kernels import q8 as _q8
 from mer_cli.kernels.config import get_threads, set_threads
 from mer_cli.kernels.cpu import best_path, check_path, supported_paths
+from mer_cli.kernels.ops import attention, rms_norm, rope, silu_mul, softmax, topk
 from mer_cli.kernels.q4 import QuantizedActivation, quantize_input
 
 __all__ = [
@@ -149,57 +155,3 @@ def linear(w, x, out: np.ndarray | None = None, path: str | None = None) -> np.n
     if out is not None:
         return out
     return res[0] if vector else res
-
-
-def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
-    x = np.asarray(x, np.float32)
-    ms = np.mean(x * x, axis=-1, keepdims=True)
-    return (x / np.sqrt(ms + np.float32(eps))) * weight
-
-
-def rope(x: np.ndarray, positions: np.ndarray, theta: float) -> np.ndarray:
-    hd = x.shape[-1]
-    inv = 1.0 / (theta ** (np.arange(0, hd, 2, dtype=np.float64) / hd))
-    ang = np.asarray(positions, np.float64)[:, None] * inv[None]  # [T, hd/2]
-    cos = np.cos(ang).astype(np.float32)[:, None, :]
-    sin = np.sin(ang).astype(np.float32)[:, None, :]
-    x1, x2 = x[..., : hd // 2], x[..., hd // 2 :]
-    return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-
-
-def attention(q, k_cache, v_cache, start: int, window: int | None = None) -> np.ndarray:
-    T, H, hd = q.shape
-    KV = k_cache.shape[1]
-    S = start + T
-    k = k_cache[:S].astype(np.float32)
-    v = v_cache[:S].astype(np.float32)
-    rep = H // KV
-    out = np.empty((T, H, hd), np.float32)
-    qpos = start + np.arange(T)[:, None]
-    kpos = np.arange(S)[None, :]
-    mask = kpos <= qpos
-    if window is not None:
-        mask &= kpos > qpos - window
-    for h in range(H):
-        s = (q[:, h, :] @ k[:, h // rep, :].T) / np.float32(np.sqrt(hd))
-        s = np.where(mask, s, -np.inf)
-        s = softmax(s)
-        out[:, h, :] = s @ v[:, h // rep, :]
-    return out
-
-
-def silu_mul(gate_up: np.ndarray) -> np.ndarray:
-    F = gate_up.shape[-1] // 2
-    g, u = gate_up[..., :F], gate_up[..., F:]
-    return (g / (np.float32(1) + np.exp(-g))) * u
-
-
-def softmax(x: np.ndarray) -> np.ndarray:
-    m = np.max(x, axis=-1, keepdims=True)
-    e = np.exp(x - m)
-    return (e / e.sum(axis=-1, keepdims=True)).astype(np.float32)
-
-
-def topk(x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    idx = np.argsort(-x, axis=-1, kind="stable")[..., :k]
-    return idx, np.take_along_axis(x, idx, axis=-1)

@@ -101,7 +101,8 @@ def attention(q, k_cache, v_cache, start: int, window: int | None = None) -> np.
 def silu_mul(gate_up: np.ndarray) -> np.ndarray:
     F = gate_up.shape[-1] // 2
     g, u = gate_up[..., :F], gate_up[..., F:]
-    return (g / (np.float32(1) + np.exp(-g))) * u
+    with np.errstate(over="ignore"):  # exp(-g) = inf gives silu = -0, as wanted
+        return (g / (np.float32(1) + np.exp(-g))) * u
 
 
 def topk(x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

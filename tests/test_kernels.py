@@ -258,3 +258,78 @@ def test_set_threads():
     n = numba.config.NUMBA_NUM_THREADS
     assert K.set_threads(1) == 1 and K.get_threads() == 1
     assert K.set_threads(None) == n
+
+
+# ----------------------------------------------------------------------------- ops
+
+RTOL, ATOL = 1e-5, 1e-6
+
+
+def test_rms_norm():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((3, 5, 96)).astype(np.float32) * 10
+    x[0, 0] = 0  # zero row: eps keeps it finite
+    w = readonly(rng.standard_normal(96).astype(np.float32))
+    got = K.rms_norm(readonly(x), w, 1e-6)
+    assert got.shape == x.shape and got.dtype == np.float32
+    np.testing.assert_allclose(got, naive.rms_norm(x, w, 1e-6), rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize("hd", [2, 64, 128])
+def test_rope(hd):
+    rng = np.random.default_rng(hd)
+    x = readonly(rng.standard_normal((6, 3, hd)).astype(np.float32))
+    pos = np.array([0, 1, 2, 17, 4095, 100000])
+    for theta in (10000.0, 1e6):
+        np.testing.assert_allclose(
+            K.rope(x, pos, theta), naive.rope(x, pos, theta), rtol=RTOL, atol=ATOL
+        )
+
+
+@pytest.mark.parametrize("T,start", [(1, 0), (1, 40), (7, 0), (5, 9), (17, 3)])
+@pytest.mark.parametrize("window", [None, 1, 4, 100])
+def test_attention_gqa_causal_window(T, start, window):
+    rng = np.random.default_rng(T * 100 + start)
+    H, KV, hd, S = 8, 2, 16, 64
+    q = readonly(rng.standard_normal((T, H, hd)).astype(np.float32) * 3)
+    k = readonly(rng.standard_normal((S, KV, hd)).astype(np.float32))
+    v = readonly(rng.standard_normal((S, KV, hd)).astype(np.float32))
+    got = K.attention(q, k, v, start, window)
+    ref = naive.attention(q, k, v, start, window)
+    np.testing.assert_allclose(got, ref, rtol=RTOL, atol=1e-5)
+
+
+def test_attention_rejects_short_cache():
+    q = np.zeros((2, 4, 8), np.float32)
+    kv = np.zeros((3, 2, 8), np.float32)
+    with pytest.raises(ValueError, match="KV cache holds 3"):
+        K.attention(q, kv, kv, 2)
+
+
+def test_silu_mul_softmax():
+    rng = np.random.default_rng(1)
+    gu = rng.standard_normal((4, 2, 64)).astype(np.float32) * 5
+    gu[0, 0, :3] = [-100, 100, 0]  # exp overflow side and saturation
+    np.testing.assert_allclose(
+        K.silu_mul(readonly(gu)), naive.silu_mul(gu), rtol=RTOL, atol=ATOL
+    )
+    x = rng.standard_normal((3, 60)).astype(np.float32) * 20
+    x[0, :5] = -np.inf  # masked entries
+    np.testing.assert_allclose(K.softmax(x), naive.softmax(x), rtol=RTOL, atol=ATOL)
+    np.testing.assert_allclose(K.softmax(x[1]), naive.softmax(x[1]), rtol=RTOL)
+
+
+def test_topk_order_and_ties():
+    x = np.array([[0.5, 2.0, 2.0, -1.0, 2.0, 0.5], [1, 2, 3, 4, 5, 6]], np.float32)
+    idx, val = K.topk(x, 4)
+    np.testing.assert_array_equal(idx, [[1, 2, 4, 0], [5, 4, 3, 2]])
+    np.testing.assert_array_equal(val, [[2, 2, 2, 0.5], [6, 5, 4, 3]])
+    rng = np.random.default_rng(2)
+    r = rng.integers(0, 5, (7, 3, 64)).astype(np.float32)  # many ties
+    for k in (1, 2, 8, 64):
+        gi, gv = K.topk(r, k)
+        ni, nv = naive.topk(r, k)
+        np.testing.assert_array_equal(gi, ni)
+        np.testing.assert_array_equal(gv, nv)
+    with pytest.raises(ValueError, match="k=0"):
+        K.topk(r, 0)
