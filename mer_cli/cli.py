@@ -19,6 +19,10 @@ from mer_cli.errors import MerError
 COMMANDS: dict[str, tuple[str, str]] = {
     "inspect": ("inspect", "Show what a store holds: model, sizes, files, layout."),
     "verify": ("verify", "Check every checksum, alignment and bound of a store."),
+    "profile-ssd": (
+        "profile_ssd",
+        "Measure how a drive reads; save the reader settings it needs.",
+    ),
     "quantize": (
         "quantize",
         "Convert a Hugging Face checkpoint directory or a GGUF file into a store.",
