@@ -161,6 +161,7 @@ class StoreWriter:
         self.tokenizer = dict(tokenizer or {})
         self.source = dict(source or {})
         self.store_id = uuid.uuid4().bytes
+        _remove_stale_temporaries(parent, self.path.name)
         self.tmp = parent / f".{self.path.name}.tmp-{os.getpid()}"
         if self.tmp.exists():
             shutil.rmtree(self.tmp)
@@ -346,6 +347,24 @@ class StoreWriter:
     def __exit__(self, exc_type, exc, tb) -> None:
         if not self._committed:
             self.abort()
+
+
+def _remove_stale_temporaries(parent: Path, name: str) -> None:
+    """Delete ``.NAME.tmp-PID`` directories whose writer process is gone.
+
+    A writer killed with SIGKILL cannot clean up; its temporary directory can be
+    as large as the model, so the next writer of the same store removes it.
+    """
+    for tmp in parent.glob(f".{name}.tmp-*"):
+        pid = tmp.name.rsplit("-", 1)[-1]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(tmp, ignore_errors=True)
+        except PermissionError:  # alive, owned by someone else
+            pass
 
 
 def _created_by() -> str:

@@ -328,3 +328,19 @@ def test_writer_checks_sizes(tmp_path):
             w.add_expert(
                 0, 0, {"gate_up": np.zeros(3, np.uint8), "down": np.zeros(3, np.uint8)}
             )
+
+
+def test_a_killed_writers_temporary_directory_is_removed_by_the_next(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = tmp_path / f".s.mer.tmp-{dead.pid}"
+    stale.mkdir()
+    (stale / "experts-00001.part").write_bytes(b"x" * 100)
+    alive = tmp_path / f".s.mer.tmp-{os.getppid()}"  # a live process: kept
+    alive.mkdir()
+    write_store(tmp_path / "s.mer")
+    assert not stale.exists() and alive.is_dir()

@@ -14,6 +14,7 @@ import click
     "--output",
     "out",
     required=True,
+    metavar="STORE",
     type=click.Path(path_type=str),
     help="Store directory to create.",
 )
@@ -56,7 +57,7 @@ def command(
     max_file_size: str | None,
     quiet: bool,
 ) -> None:
-    """Convert SRC into a store at STORE.
+    """Convert a checkpoint SRC into a store (-o STORE).
 
     SRC is a Hugging Face checkpoint directory (config.json, *.safetensors with
     model.safetensors.index.json when sharded, tokenizer.json, and when present
