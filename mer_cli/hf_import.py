@@ -231,10 +231,14 @@ class Planner:
             f"do not match config.json (model_type {self.cfg.arch})"
         )
 
+    @property
+    def moe_prefixes(self) -> tuple[str, ...]:
+        # transformers 5 may name Mixtral's MoE block "mlp" like the others
+        return ("block_sparse_moe", "mlp") if self.cfg.arch == "mixtral" else ("mlp",)
+
     def _check(self, name: str, want: tuple[int, ...]) -> None:
         info = self.ckpt.info(name)
-        shape = info.shape
-        if tuple(shape) != tuple(want):
+        if tuple(info.shape) != tuple(want):
             raise FormatError(
                 f"{info_path(self.ckpt, name)}: tensor {name!r} has shape "
                 f"{list(info.shape)}, expected {list(want)} from config.json; "
@@ -298,9 +302,7 @@ class Planner:
         out.append(
             self.dense(
                 f"layers.{layer}.router",
-                (p + "mlp.gate.weight", p + "block_sparse_moe.gate.weight")
-                if cfg.arch != "mixtral"
-                else (p + "block_sparse_moe.gate.weight", p + "mlp.gate.weight"),
+                tuple(f"{p}{moe}.gate.weight" for moe in self.moe_prefixes),
                 (cfg.num_experts, D),
                 dtype="f32",
             )
@@ -340,9 +342,9 @@ class Planner:
     def layer_experts(self, layer: int) -> list[ExpertSpec]:
         cfg, p = self.cfg, f"model.layers.{layer}."
         D, F, E = cfg.hidden_size, cfg.expert_ffn, cfg.num_experts
-        styles = [("mlp", ("gate_proj", "up_proj", "down_proj"))]
-        if cfg.arch == "mixtral":
-            styles.insert(0, ("block_sparse_moe", ("w1", "w3", "w2")))
+        names = {"block_sparse_moe": ("w1", "w3", "w2")}
+        default = ("gate_proj", "up_proj", "down_proj")
+        styles = [(moe, names.get(moe, default)) for moe in self.moe_prefixes]
         for moe, (g, u, d) in styles:  # per-expert tensors
             first = f"{p}{moe}.experts.0.{g}.weight"
             if first not in self.ckpt:
