@@ -62,6 +62,8 @@ __all__ = [
     "Target",
     "choose_reader",
     "load_profile_for",
+    "measure",
+    "measure_sequential",
     "open_target",
     "profile_target",
 ]
@@ -626,6 +628,28 @@ def measure(
         random=RandomReads(*qd1, *qd16),
         buffered=buffered,
     )
+
+
+def measure_sequential(
+    target: Target, block: int, threads: int, seconds: float, start: float = 0.0
+) -> float:
+    """GB/s of one sequential O_DIRECT cell on ``target`` (as in the grid).
+
+    ``threads`` threads share a cursor that starts at fraction ``start`` of the
+    span, so ``threads`` consecutive ``block``-byte reads are in flight.
+    """
+    if block % ALIGN or not ALIGN <= block <= target.span:
+        raise UsageError(
+            f"block size {block} must be a multiple of {ALIGN} and at most "
+            f"the target's {target.span} bytes"
+        )
+    fd = _open_direct(target.read_path, "device" if target.kind == "device" else "file")
+    bench = _Bench(fd, target.span, block, threads)
+    try:
+        return bench.sequential(block, threads, seconds, start)
+    finally:
+        bench.close()
+        os.close(fd)
 
 
 def _buffered(
