@@ -113,13 +113,23 @@ def quantize_q4(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """
     rows, cols = w.shape
     g = np.asarray(w, dtype=np.float32).reshape(rows, cols // GROUP, GROUP)
-    # the signed value of largest magnitude (first one on ties, as ggml)
-    idx = np.abs(g).argmax(axis=2)
-    vmax = np.take_along_axis(g, idx[..., None], axis=2)[..., 0]
+    # the signed value of largest magnitude, the first one on ties as in ggml:
+    # the larger of max and -min (two fast reductions instead of abs+argmax),
+    # with a first-index search only in blocks where +a and -a tie
+    mx, mn = g.max(axis=2), g.min(axis=2)
+    vmax = np.where(-mn > mx, mn, mx)
+    tie = (-mn == mx) & (mx > 0)
+    if tie.any():
+        sub = g[tie]
+        vmax[tie] = sub[np.arange(len(sub)), np.abs(sub).argmax(axis=1)]
+    vmax[(mx == 0) & (mn == 0)] = 0  # ggml starts from +0.0 (a -0.0 block too)
     d = vmax / np.float32(-8)
     with np.errstate(divide="ignore"):
         inv = np.where(d != 0, np.float32(1) / d, np.float32(0)).astype(np.float32)
-    q = np.minimum(np.trunc(g * inv[..., None] + np.float32(8.5)), 15)
+    q = g * inv[..., None]  # in place from here: one temporary of w's size
+    q += np.float32(8.5)
+    np.trunc(q, out=q)
+    np.minimum(q, 15, out=q)
     q = q.astype(np.uint8)
     packed = q[..., :16] | (q[..., 16:] << 4)
     return packed.reshape(rows, cols // 2), d.astype(np.float16)
@@ -132,11 +142,15 @@ def quantize_q8(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """
     rows, cols = w.shape
     g = np.asarray(w, dtype=np.float32).reshape(rows, cols // GROUP, GROUP)
-    d = np.abs(g).max(axis=2) / np.float32(127)
+    # max |x| as max(max, -min): two fast reductions, no |g| temporary
+    amax = np.abs(np.maximum(g.max(axis=2), -g.min(axis=2)))
+    d = amax / np.float32(127)
     with np.errstate(divide="ignore"):
         inv = np.where(d != 0, np.float32(1) / d, np.float32(0)).astype(np.float32)
     x = g * inv[..., None]
-    q = np.trunc(x + np.copysign(np.float32(0.5), x)).astype(np.int8)  # roundf
+    x += np.copysign(np.float32(0.5), x)  # roundf: half away from zero
+    np.trunc(x, out=x)
+    q = x.astype(np.int8)
     return q.reshape(rows, cols), d.astype(np.float16)
 
 

@@ -75,6 +75,10 @@ def test_q4_matches_the_ggml_reference_bit_for_bit(shape):
     w[0, :32] = 0  # an all-zero group
     if shape[0] > 1:
         w[1, 5] = -w[1, :32].__abs__().max() * 3  # negative extreme sets the sign
+    if shape[0] > 4:
+        w[2, :32], w[3, :32], w[4, :32] = 0.25, -0.25, -0.0
+        w[2, 3], w[2, 9] = 2, -2  # +a and -a tie: the first one wins
+        w[3, 3], w[3, 9] = -2, 2
     packed, scales = quant.quantize_q4(w)
     rp, rs = ref_quantize(w, "q4")
     np.testing.assert_array_equal(packed, rp)
@@ -85,6 +89,8 @@ def test_q4_matches_the_ggml_reference_bit_for_bit(shape):
 def test_q8_matches_the_ggml_reference_bit_for_bit(shape):
     w = gaussian(*shape, seed=shape[1] + 1)
     w[-1, -32:] = 0
+    if shape[0] > 2:
+        w[1, :32] = -0.0
     # exact halves after scaling exercise roundf's half-away-from-zero
     w[0, :4] = [127.0, 0.5, -0.5, 2.5]
     q, scales = quant.quantize_q8(w)
