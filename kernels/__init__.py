@@ -67,22 +67,35 @@ def quantize_activation(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return qa.q, qa.d
 
 
+#: activation bytes per group of 32 columns per token that a kernel streams
+#: (q4: lo, hi, corr, dl = 64 B; q8: q, d = 36 B) and the L2 share they may use
+_X_BYTES = {"q4": 64, "q8": 36}
+_L2_BUDGET = 192 << 10
+
+
+def _group_block(dtype: str, T: int, G: int, multiple: int) -> int:
+    """Groups per column block so all ``T`` tokens' activations fit in L2."""
+    gb = max(multiple, _L2_BUDGET // (_X_BYTES[dtype] * T))
+    return min(gb - gb % multiple, max(G, multiple))
+
+
 def _run_quantized(w: QTensor, qa: QuantizedActivation, out: np.ndarray, path: str):
     packed = np.ascontiguousarray(w.packed)
     scales = np.ascontiguousarray(w.scales).view(np.uint16)
+    T, G = qa.d.shape
     if w.dtype == "q4":
         if path == "generic":
             _q4.q4_generic(packed, scales, qa.q, qa.d, qa.gsum, _q4.HALF_TABLE, out)
-        else:
-            fn = _q4.q4_avx2 if path == "avx2" else _q4.q4_vnni512
-            fn(packed, scales, qa.lo, qa.hi, qa.corr, qa.dl, qa.q, qa.d, qa.gsum,
-               _q4.HALF_TABLE, out)  # fmt: skip
+            return
+        fn = _q4.q4_avx2 if path == "avx2" else _q4.q4_vnni512
+        gb = _group_block("q4", T, G, 2 if path == "avx2" else 4)
+        fn(packed, scales, qa.lo, qa.hi, qa.corr, qa.dl, qa.q, qa.d, qa.gsum,
+           _q4.HALF_TABLE, gb, out)  # fmt: skip
     elif path == "generic":
         _q8.q8_generic(packed, scales, qa.q, qa.d, _q4.HALF_TABLE, out)
-    elif path == "avx2":
-        _q8.q8_avx2(packed, scales, qa.q, qa.d, out)
     else:
-        _q8.q8_vnni512(packed, scales, qa.q, qa.d, out)
+        fn = _q8.q8_avx2 if path == "avx2" else _q8.q8_vnni512
+        fn(packed, scales, qa.q, qa.d, _group_block("q8", T, G, 2), out)
 
 
 def _out_array(out, T: int, R: int, vector: bool) -> np.ndarray:

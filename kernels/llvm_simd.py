@@ -364,7 +364,7 @@ def _make_q8(emit):
     return {s: _q8_intrinsic(emit, *s) for s in _SHAPES}
 
 
-_SHAPES = ((1, 1), (2, 1), (1, 4), (2, 4))
+_SHAPES = ((1, 1), (2, 1), (1, 4), (2, 4), (4, 1), (4, 2), (2, 2))
 Q4_AVX2 = _make_q4(_emit_q4_avx2)
 Q4_VNNI = _make_q4(_emit_q4_vnni)
 Q8_AVX2 = _make_q8(_emit_q8_avx2)

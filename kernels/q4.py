@@ -192,88 +192,92 @@ def q4_generic(packed, scales, q, d, gsum, htab, out):
 
 
 @njit(**PJIT)
-def q4_avx2(packed, scales, lo, hi, corr, dl, q, d, gsum, htab, out):
-    """AVX2 q4 kernel: ``out[T, R]``; see the module docstring."""
+def q4_avx2(packed, scales, lo, hi, corr, dl, q, d, gsum, htab, gblock, out):
+    """AVX2 q4 kernel: ``out[T, R]``; see the module docstring.
+
+    Columns are taken ``gblock`` groups at a time (even) so that the
+    activations of all ``T`` tokens for one block stay in L2 while every row
+    meets them; ``gblock >= G`` is one pass.
+    """
     R = packed.shape[0]
     T = lo.shape[0]
     G = scales.shape[1]
-    nch = G // 2
-    k21, k24, k11, k14 = _A21, _A24, _A11, _A14
-    for rb in prange((R + 1) // 2):
-        r = 2 * rb
-        t = 0
-        if r + 1 < R:
-            while t + 4 <= T:
-                v = k24(packed, scales, r, lo, hi, corr, dl, t, 0, nch)
-                for u in range(4):
-                    out[t + u, r] = v[u]
-                    out[t + u, r + 1] = v[4 + u]
-                t += 4
-            while t < T:
-                v2 = k21(packed, scales, r, lo, hi, corr, dl, t, 0, nch)
-                out[t, r] = v2[0]
-                out[t, r + 1] = v2[1]
-                t += 1
-        else:
-            while t + 4 <= T:
-                v4 = k14(packed, scales, r, lo, hi, corr, dl, t, 0, nch)
-                for u in range(4):
-                    out[t + u, r] = v4[u]
-                t += 4
-            while t < T:
-                out[t, r] = k11(packed, scales, r, lo, hi, corr, dl, t, 0, nch)[0]
-                t += 1
-        if G % 2:
-            for rr in range(r, min(r + 2, R)):
-                for tt in range(T):
-                    out[tt, rr] += _q4_group(
-                        packed, scales, rr, q, d, gsum, tt, G - 1, htab
-                    )
+    out[:] = 0
+    for g0 in range(0, G - G % 2, gblock):
+        n = (min(g0 + gblock, G - G % 2) - g0) // 2  # chunks of 2 groups
+        for rb in prange((R + 1) // 2):
+            r = 2 * rb
+            t = 0
+            if r + 1 < R:
+                while t + 4 <= T:
+                    v = _A24(packed, scales, r, lo, hi, corr, dl, t, g0, n)
+                    for u in range(4):
+                        out[t + u, r] += v[u]
+                        out[t + u, r + 1] += v[4 + u]
+                    t += 4
+                while t < T:
+                    v2 = _A21(packed, scales, r, lo, hi, corr, dl, t, g0, n)
+                    out[t, r] += v2[0]
+                    out[t, r + 1] += v2[1]
+                    t += 1
+            else:
+                while t + 4 <= T:
+                    v4 = _A14(packed, scales, r, lo, hi, corr, dl, t, g0, n)
+                    for u in range(4):
+                        out[t + u, r] += v4[u]
+                    t += 4
+                while t < T:
+                    out[t, r] += _A11(packed, scales, r, lo, hi, corr, dl, t, g0, n)[0]
+                    t += 1
+    if G % 2:
+        for r in prange(R):
+            for t in range(T):
+                out[t, r] += _q4_group(packed, scales, r, q, d, gsum, t, G - 1, htab)
 
 
 @njit(**PJIT)
-def q4_vnni512(packed, scales, lo, hi, corr, dl, q, d, gsum, htab, out):
-    """AVX-512 VNNI q4 kernel: ``out[T, R]``; see the module docstring."""
+def q4_vnni512(packed, scales, lo, hi, corr, dl, q, d, gsum, htab, gblock, out):
+    """AVX-512 VNNI q4 kernel: ``out[T, R]``; ``gblock`` (a multiple of 4) as
+    in :func:`q4_avx2`. Groups past the last multiple of 4 go through the AVX2
+    step (2 groups) and the scalar step (1 group)."""
     R = packed.shape[0]
     T = lo.shape[0]
     G = scales.shape[1]
-    nch = G // 4
-    g2 = 4 * nch  # groups left for the AVX2 step (0 or 2) and a scalar group
-    n2 = (G - g2) // 2
-    k21, k24, k11, k14 = _V21, _V24, _V11, _V14
-    a11 = _A11
-    for rb in prange((R + 1) // 2):
-        r = 2 * rb
-        t = 0
-        if r + 1 < R:
-            while t + 4 <= T:
-                v = k24(packed, scales, r, lo, hi, corr, dl, t, 0, nch)
-                for u in range(4):
-                    out[t + u, r] = v[u]
-                    out[t + u, r + 1] = v[4 + u]
-                t += 4
-            while t < T:
-                v2 = k21(packed, scales, r, lo, hi, corr, dl, t, 0, nch)
-                out[t, r] = v2[0]
-                out[t, r + 1] = v2[1]
-                t += 1
-        else:
-            while t + 4 <= T:
-                v4 = k14(packed, scales, r, lo, hi, corr, dl, t, 0, nch)
-                for u in range(4):
-                    out[t + u, r] = v4[u]
-                t += 4
-            while t < T:
-                out[t, r] = k11(packed, scales, r, lo, hi, corr, dl, t, 0, nch)[0]
-                t += 1
-        if G > g2:
-            for rr in range(r, min(r + 2, R)):
-                for tt in range(T):
-                    acc = np.float32(0)
-                    if n2:
-                        acc += a11(packed, scales, rr, lo, hi, corr, dl, tt, g2, n2)[0]
-                    if G % 2:
-                        acc += _q4_group(
-                            packed, scales, rr, q, d, gsum, tt, G - 1, htab
-                        )
-                    out[tt, rr] += acc
+    G4 = G - G % 4
+    out[:] = 0
+    for g0 in range(0, G4, gblock):
+        n = (min(g0 + gblock, G4) - g0) // 4  # chunks of 4 groups
+        for rb in prange((R + 1) // 2):
+            r = 2 * rb
+            t = 0
+            if r + 1 < R:
+                while t + 4 <= T:
+                    v = _V24(packed, scales, r, lo, hi, corr, dl, t, g0, n)
+                    for u in range(4):
+                        out[t + u, r] += v[u]
+                        out[t + u, r + 1] += v[4 + u]
+                    t += 4
+                while t < T:
+                    v2 = _V21(packed, scales, r, lo, hi, corr, dl, t, g0, n)
+                    out[t, r] += v2[0]
+                    out[t, r + 1] += v2[1]
+                    t += 1
+            else:
+                while t + 4 <= T:
+                    v4 = _V14(packed, scales, r, lo, hi, corr, dl, t, g0, n)
+                    for u in range(4):
+                        out[t + u, r] += v4[u]
+                    t += 4
+                while t < T:
+                    out[t, r] += _V11(packed, scales, r, lo, hi, corr, dl, t, g0, n)[0]
+                    t += 1
+    if G > G4:
+        n2 = (G - G4) // 2
+        for r in prange(R):
+            for t in range(T):
+                acc = np.float32(0)
+                if n2:
+                    acc += _A11(packed, scales, r, lo, hi, corr, dl, t, G4, n2)[0]
+                if G % 2:
+                    acc += _q4_group(packed, scales, r, q, d, gsum, t, G - 1, htab)
+                out[t, r] += acc

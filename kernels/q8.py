@@ -45,69 +45,77 @@ def q8_generic(packed, scales, q, d, htab, out):
 
 
 @njit(**PJIT)
-def q8_avx2(packed, scales, q, d, out):
-    """AVX2 q8 kernel: ``out[T, R]``."""
+def q8_avx2(packed, scales, q, d, gblock, out):
+    """AVX2 q8 kernel: ``out[T, R]``; columns ``gblock`` groups at a time (see
+    :func:`mer_cli.kernels.q4.q4_avx2`)."""
     R = packed.shape[0]
     T = q.shape[0]
     G = scales.shape[1]
-    for rb in prange((R + 1) // 2):
-        r = 2 * rb
-        t = 0
-        if r + 1 < R:
-            while t + 4 <= T:
-                v = _A24(packed, scales, r, q, d, t, 0, G)
-                for u in range(4):
-                    out[t + u, r] = v[u]
-                    out[t + u, r + 1] = v[4 + u]
-                t += 4
-            while t < T:
-                v2 = _A21(packed, scales, r, q, d, t, 0, G)
-                out[t, r] = v2[0]
-                out[t, r + 1] = v2[1]
-                t += 1
-        else:
-            while t + 4 <= T:
-                v4 = _A14(packed, scales, r, q, d, t, 0, G)
-                for u in range(4):
-                    out[t + u, r] = v4[u]
-                t += 4
-            while t < T:
-                out[t, r] = _A11(packed, scales, r, q, d, t, 0, G)[0]
-                t += 1
+    out[:] = 0
+    for g0 in range(0, G, gblock):
+        n = min(g0 + gblock, G) - g0
+        for rb in prange((R + 1) // 2):
+            r = 2 * rb
+            t = 0
+            if r + 1 < R:
+                while t + 4 <= T:
+                    v = _A24(packed, scales, r, q, d, t, g0, n)
+                    for u in range(4):
+                        out[t + u, r] += v[u]
+                        out[t + u, r + 1] += v[4 + u]
+                    t += 4
+                while t < T:
+                    v2 = _A21(packed, scales, r, q, d, t, g0, n)
+                    out[t, r] += v2[0]
+                    out[t, r + 1] += v2[1]
+                    t += 1
+            else:
+                while t + 4 <= T:
+                    v4 = _A14(packed, scales, r, q, d, t, g0, n)
+                    for u in range(4):
+                        out[t + u, r] += v4[u]
+                    t += 4
+                while t < T:
+                    out[t, r] += _A11(packed, scales, r, q, d, t, g0, n)[0]
+                    t += 1
 
 
 @njit(**PJIT)
-def q8_vnni512(packed, scales, q, d, out):
-    """AVX-512 VNNI q8 kernel: ``out[T, R]``."""
+def q8_vnni512(packed, scales, q, d, gblock, out):
+    """AVX-512 VNNI q8 kernel: ``out[T, R]``; ``gblock`` even; an odd last
+    group goes through the AVX2 step."""
     R = packed.shape[0]
     T = q.shape[0]
     G = scales.shape[1]
-    nch = G // 2
-    for rb in prange((R + 1) // 2):
-        r = 2 * rb
-        t = 0
-        if r + 1 < R:
-            while t + 4 <= T:
-                v = _V24(packed, scales, r, q, d, t, 0, nch)
-                for u in range(4):
-                    out[t + u, r] = v[u]
-                    out[t + u, r + 1] = v[4 + u]
-                t += 4
-            while t < T:
-                v2 = _V21(packed, scales, r, q, d, t, 0, nch)
-                out[t, r] = v2[0]
-                out[t, r + 1] = v2[1]
-                t += 1
-        else:
-            while t + 4 <= T:
-                v4 = _V14(packed, scales, r, q, d, t, 0, nch)
-                for u in range(4):
-                    out[t + u, r] = v4[u]
-                t += 4
-            while t < T:
-                out[t, r] = _V11(packed, scales, r, q, d, t, 0, nch)[0]
-                t += 1
-        if G % 2:
-            for rr in range(r, min(r + 2, R)):
-                for tt in range(T):
-                    out[tt, rr] += _A11(packed, scales, rr, q, d, tt, G - 1, 1)[0]
+    G2 = G - G % 2
+    out[:] = 0
+    for g0 in range(0, G2, gblock):
+        n = (min(g0 + gblock, G2) - g0) // 2
+        for rb in prange((R + 1) // 2):
+            r = 2 * rb
+            t = 0
+            if r + 1 < R:
+                while t + 4 <= T:
+                    v = _V24(packed, scales, r, q, d, t, g0, n)
+                    for u in range(4):
+                        out[t + u, r] += v[u]
+                        out[t + u, r + 1] += v[4 + u]
+                    t += 4
+                while t < T:
+                    v2 = _V21(packed, scales, r, q, d, t, g0, n)
+                    out[t, r] += v2[0]
+                    out[t, r + 1] += v2[1]
+                    t += 1
+            else:
+                while t + 4 <= T:
+                    v4 = _V14(packed, scales, r, q, d, t, g0, n)
+                    for u in range(4):
+                        out[t + u, r] += v4[u]
+                    t += 4
+                while t < T:
+                    out[t, r] += _V11(packed, scales, r, q, d, t, g0, n)[0]
+                    t += 1
+    if G % 2:
+        for r in prange(R):
+            for t in range(T):
+                out[t, r] += _A11(packed, scales, r, q, d, t, G - 1, 1)[0]
