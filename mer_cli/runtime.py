@@ -288,11 +288,7 @@ class Engine:
 
 
 def set_threads(n: int) -> int:
-    """Use ``n`` numba threads (capped at what numba started with); returns it."""
-    import numba
-
+    """Use ``n`` compute threads (capped at what numba started with); returns it."""
     if n < 1:
         raise UsageError(f"--threads {n}: expected a whole number >= 1")
-    n = min(n, numba.config.NUMBA_NUM_THREADS)
-    numba.set_num_threads(n)
-    return n
+    return K.set_threads(n)

@@ -129,6 +129,8 @@ class Architecture:
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """q ``[T, H*hd]``, k/v ``[T, KV*hd]`` from the normed input ``x`` ``[T, D]``,
         before RoPE. The base version adds biases when the layer has them."""
+        if all(isinstance(t, QTensor) for t in (w.q, w.k, w.v)):
+            x = K.quantize_input(x)  # quantize the activations once for all three
         q, k, v = K.linear(w.q, x), K.linear(w.k, x), K.linear(w.v, x)
         if w.q_bias is not None:
             q += w.q_bias
