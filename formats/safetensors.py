@@ -133,14 +133,30 @@ class SafetensorsFile:
         access simply faults them in again), so reading a checkpoint tensor by
         tensor keeps peak RSS near one tensor instead of the whole file.
         """
-        if self._mm is None or not hasattr(mmap, "MADV_DONTNEED"):
-            return
         t = self.tensors[name]
         begin, end = t.begin, t.end
         if index is not None:  # one slice of a stacked tensor
             per = (t.end - t.begin) // t.shape[0]
             begin += index * per
             end = begin + per
+        self._release_range(begin, end)
+
+    def release_array(self, a: np.ndarray) -> bool:
+        """Drop the pages under ``a``, a contiguous view from :meth:`raw`.
+
+        Returns False (and does nothing) when ``a`` does not lie in this file.
+        """
+        if self._buf is None or not a.flags.c_contiguous:
+            return False
+        begin = a.ctypes.data - self._buf.ctypes.data
+        if not 0 <= begin <= begin + a.nbytes <= self.size:
+            return False
+        self._release_range(begin, begin + a.nbytes)
+        return True
+
+    def _release_range(self, begin: int, end: int) -> None:
+        if self._mm is None or not hasattr(mmap, "MADV_DONTNEED"):
+            return
         page = mmap.PAGESIZE
         start = -(-begin // page) * page  # only pages wholly inside the range
         stop = end // page * page
@@ -213,6 +229,12 @@ class Checkpoint:
     def release(self, name: str, index: int | None = None) -> None:
         """Drop the resident pages of a consumed tensor (see ``SafetensorsFile``)."""
         self._file(name).release(name, index)
+
+    def release_array(self, a: np.ndarray) -> None:
+        """Drop the resident pages under a view ``a`` of one of the files."""
+        for f in self.files:
+            if f.release_array(a):
+                return
 
     @property
     def nbytes(self) -> int:

@@ -431,7 +431,10 @@ def _source(ckpt: Checkpoint, piece: Piece) -> tuple[np.ndarray, str]:
 
 
 def encode_pieces(
-    sources: list[tuple[np.ndarray, str]], dtype: str, shape: tuple[int, ...]
+    sources: list[tuple[np.ndarray, str]],
+    dtype: str,
+    shape: tuple[int, ...],
+    release: Callable[[np.ndarray], None] | None = None,
 ) -> np.ndarray:
     """Encode checkpoint tensors stacked by rows as store bytes of ``dtype``.
 
@@ -444,6 +447,9 @@ def encode_pieces(
         Store encoding (``q4``, ``q8``, ``f16``, ``bf16``, ``f32``).
     shape
         The output shape, ``(sum rows_i, cols)`` or ``(n,)``.
+    release
+        Called with each source chunk once it is encoded (drops its mapped
+        pages, so a running job keeps one chunk of input resident).
 
     Returns
     -------
@@ -472,7 +478,8 @@ def encode_pieces(
     r = 0
     for raw, st in sources:
         for a in range(0, raw.shape[0], step):
-            w = to_f32(raw[a : a + step], st)
+            chunk = raw[a : a + step]
+            w = to_f32(chunk, st)
             b = r + a + w.shape[0]
             if dtype in quant.QUANTIZED:
                 packed[r + a : b], scales[r + a : b] = fn(w)
@@ -480,15 +487,18 @@ def encode_pieces(
                 target[r + a : b] = quant.f32_to_bf16(w)
             else:
                 target[r + a : b] = w
+            if release is not None:
+                release(chunk)
         r += raw.shape[0]
     return out
 
 
 def _job(ckpt: Checkpoint, item: DenseSpec | ExpertSpec, experts: str, parts):
     """A callable that produces the encoded bytes of one plan item."""
+    rel = ckpt.release_array
     if isinstance(item, DenseSpec):
         return lambda: encode_pieces(
-            [_source(ckpt, p) for p in item.pieces], item.dtype, item.shape
+            [_source(ckpt, p) for p in item.pieces], item.dtype, item.shape, rel
         )
 
     def expert() -> dict[str, np.ndarray]:
@@ -497,9 +507,13 @@ def _job(ckpt: Checkpoint, item: DenseSpec | ExpertSpec, experts: str, parts):
                 [_source(ckpt, p) for p in item.gate_up],
                 experts,
                 parts["gate_up"].shape,
+                rel,
             ),
             "down": encode_pieces(
-                [_source(ckpt, p) for p in item.down], experts, parts["down"].shape
+                [_source(ckpt, p) for p in item.down],
+                experts,
+                parts["down"].shape,
+                rel,
             ),
         }
 

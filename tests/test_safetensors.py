@@ -209,3 +209,18 @@ def test_release_drops_resident_pages_and_data_stays_readable(tmp_path):
     f.release("b", 0)
     assert mid - _rss_file_kib() > 12 * 1024
     assert f.raw("b")[0, 7] == 1
+
+
+def test_release_array_drops_the_pages_under_a_view(tmp_path):
+    p = tmp_path / "v.safetensors"
+    n = 4 * 1024 * 1024  # 16 MiB of f32
+    w = SafetensorsWriter(p, [("a", "F32", (n,))])
+    w.write("a", np.ones(n, np.float32))
+    w.close()
+    f = SafetensorsFile(p)
+    assert f.raw("a").sum() == n
+    touched = _rss_file_kib()
+    assert f.release_array(f.raw("a")[: n // 2])
+    assert 6 * 1024 < touched - _rss_file_kib() < 10 * 1024  # about 8 MiB
+    assert not f.release_array(np.ones(10, np.float32))  # not from this file
+    assert not f.release_array(f.raw("a")[::2])  # not contiguous
