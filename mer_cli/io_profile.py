@@ -54,7 +54,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from mer_cli.config import Config, config_dir, load_config
-from mer_cli.errors import FormatError
+from mer_cli.errors import FormatError, ReadError
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -315,8 +315,9 @@ def _get(table: dict, key: str, kind: type, where: str, path: Path, check=None):
     if kind is float and isinstance(v, int) and not isinstance(v, bool):
         v, ok = float(v), True
     if not ok:
+        expected = {int: "an integer", float: "a number", str: "a string"}[kind]
         raise FormatError(
-            f"{path}: {where}.{key} is {v!r}, expected a {kind.__name__}; {_FIX}"
+            f"{path}: {where}.{key} is {v!r}, expected {expected}; {_FIX}"
         )
     if check is not None:
         expected = check(v)
@@ -468,7 +469,12 @@ def load_profile_for(
     cfg = config if config is not None else load_config()
     if cfg.io_profile:
         return load_profile(cfg.io_profile)
-    dev = device_of(path)
+    try:
+        dev = device_of(path)
+    except OSError as e:
+        raise ReadError(
+            f"{path}: cannot find the drive that holds it ({e.strerror})"
+        ) from None
     candidates = [dev]
     parent = parent_disk(dev)
     if parent is not None:

@@ -23,7 +23,13 @@ from click.testing import CliRunner
 
 from mer_cli.cli import cli
 from mer_cli.config import Config
-from mer_cli.errors import FormatError, MerError, ResourceError, UsageError
+from mer_cli.errors import (
+    FormatError,
+    MerError,
+    ReadError,
+    ResourceError,
+    UsageError,
+)
 from mer_cli.io_profile import (
     BufferedReads,
     DeviceInfo,
@@ -470,7 +476,7 @@ def test_profile_round_trip_is_exact(tmp_path):
         ),
         (
             lambda t: t.replace("threads = 16\ngbps", 'threads = "16"\ngbps', 1),
-            "sequential[2].threads is '16', expected a int",
+            "sequential[2].threads is '16', expected an integer",
         ),
         (lambda t: t.replace("[random]", "[randomness]"), "table [random] is missing"),
         (lambda t: t + "\n[[[", "not valid TOML"),
@@ -521,6 +527,8 @@ def test_lookup_by_device_config_override_and_model_check(tmp_path, monkeypatch)
     with pytest.raises(FormatError, match="I/O profile not found"):
         load_profile_for(tmp_path)
     monkeypatch.delenv("MER_IO_PROFILE")
+    with pytest.raises(ReadError, match="cannot find the drive that holds it"):
+        load_profile_for(tmp_path / "missing.mer")
 
     # a profile recorded for another model at the same device number is ignored
     save_profile(
