@@ -124,12 +124,18 @@ def _open_direct(path: str, what: str) -> int:
     try:
         return os.open(path, os.O_RDONLY | os.O_DIRECT | os.O_CLOEXEC)
     except PermissionError:
-        hint = (
-            "run `sudo mer profile-ssd ...`, or profile a file or directory on "
-            "the same drive instead"
-            if what == "device"
-            else "check its permissions or choose a file you can read"
-        )
+        if what != "device":
+            hint = "check its permissions or choose a file you can read"
+        elif os.geteuid() == 0:  # a container's device cgroup or an LSM said no
+            hint = (
+                "even root may not read it here (container or security policy); "
+                "profile a file or directory on the same drive instead"
+            )
+        else:
+            hint = (
+                "run `sudo mer profile-ssd ...`, or profile a file or directory on "
+                "the same drive instead"
+            )
         raise ResourceError(
             f"{path}: permission denied opening the {what}; {hint}"
         ) from None
@@ -721,7 +727,7 @@ def format_report(profile: Profile) -> str:
         f"{d.kind} {d.target}: device {d.name or '?'} [{d.id}{model}], "
         f"span {format_size(d.span_bytes)}, {d.duration_s:.1f} s of reads",
         "",
-        "sequential reads, GB/s (O_DIRECT; * best, R reader settings)",
+        "sequential reads, GB/s (O_DIRECT; R reader settings, * best if not R)",
     ]
     blocks = sorted({c.block_bytes for c in profile.sequential})
     threads = sorted({c.threads for c in profile.sequential})
