@@ -15,6 +15,7 @@ Weights (shapes legend: D model, F expert FFN, E experts, V vocabulary):
   stream grows only like ``sqrt(layers)``; router weights ``[E, D]`` likewise, so
   router logits have std about 1 and no expert is favoured -- per-layer usage over
   a few hundred tokens is near uniform (``tests/test_synth.py`` checks it);
+* ``o_proj`` is scaled down by ``ATTN_OUT_SCALE`` (see there);
 * norm weights are ``1 + N(0, 0.1)``: about 1, but wrong-norm bugs still show;
 * Qwen2-MoE q/k/v biases ``N(0, 0.1)``; embeddings ``N(0, 1)``.
 
@@ -50,6 +51,11 @@ TRANSFORMERS_VERSION = (
 DEFAULT_SHARD_SIZE = 5 * 1000**3  # transformers' default max_shard_size "5GB"
 CHUNK = 1 << 22  # elements generated per step: 16 MiB of float32
 NORM_NOISE = 0.1
+# Attention at random init averages v over the context, so its output is mostly
+# one vector shared by all positions (the frequency-weighted mean of the context),
+# which shifts every router logit the same way and skews expert usage; scaling
+# o_proj down keeps that shared part small next to the token-specific residual.
+ATTN_OUT_SCALE = 0.25
 BIAS_STD = 0.1
 
 # --dtype -> (safetensors dtype, config torch_dtype)
@@ -423,7 +429,9 @@ def tensor_specs(config: dict[str, Any]) -> list[TensorSpec]:
             lin(a + "q_proj.weight", mc.q_dim, D),
             lin(a + "k_proj.weight", mc.kv_dim, D),
             lin(a + "v_proj.weight", mc.kv_dim, D),
-            lin(a + "o_proj.weight", D, mc.q_dim),
+            lin(a + "o_proj.weight", D, mc.q_dim)._replace(
+                std=ATTN_OUT_SCALE / np.sqrt(mc.q_dim)
+            ),
         ]
         if mc.attn_bias:
             specs += [
