@@ -28,6 +28,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "Convert a Hugging Face checkpoint directory or a GGUF file into a store.",
     ),
     "generate": ("generate", "Generate text from a prompt, streamed as tokens come."),
+    "synth": (
+        "synth",
+        "Write a synthetic Hugging Face checkpoint of a preset's shapes.",
+    ),
 }
 
 
