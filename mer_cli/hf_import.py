@@ -435,6 +435,7 @@ def encode_pieces(
     dtype: str,
     shape: tuple[int, ...],
     release: Callable[[np.ndarray], None] | None = None,
+    labels: list[str] | None = None,
 ) -> np.ndarray:
     """Encode checkpoint tensors stacked by rows as store bytes of ``dtype``.
 
@@ -450,6 +451,8 @@ def encode_pieces(
     release
         Called with each source chunk once it is encoded (drops its mapped
         pages, so a running job keeps one chunk of input resident).
+    labels
+        What each source is, for the error message about non-finite values.
 
     Returns
     -------
@@ -457,11 +460,20 @@ def encode_pieces(
         ``uint8`` bytes identical to ``quant.encode`` of the concatenated f32
         tensor; converted ``CHUNK_ELEMS`` elements at a time so temporaries
         stay small.
+
+    Raises
+    ------
+    FormatError
+        When a value is NaN or infinite (a q4/q8 group would silently turn
+        into garbage).
     """
+    labels = labels or [f"source {i}" for i in range(len(sources))]
     out = np.empty(quant.tensor_nbytes(dtype, shape), np.uint8)
     if len(shape) == 1:
         ((raw, st),) = sources
-        out[:] = quant.encode(to_f32(raw, st), dtype)
+        w = to_f32(raw, st)
+        _check_finite(w, labels[0], 0)
+        out[:] = quant.encode(w, dtype)
         return out
     rows, cols = shape
     step = max(1, CHUNK_ELEMS // cols)
@@ -476,10 +488,11 @@ def encode_pieces(
         target = out.view({"f32": "<f4", "f16": "<f2", "bf16": "<u2"}[dtype])
         target = target.reshape(rows, cols)
     r = 0
-    for raw, st in sources:
+    for (raw, st), label in zip(sources, labels):
         for a in range(0, raw.shape[0], step):
             chunk = raw[a : a + step]
             w = to_f32(chunk, st)
+            _check_finite(w, label, a)
             b = r + a + w.shape[0]
             if dtype in quant.QUANTIZED:
                 packed[r + a : b], scales[r + a : b] = fn(w)
@@ -493,12 +506,36 @@ def encode_pieces(
     return out
 
 
+def _check_finite(w: np.ndarray, label: str, row0: int) -> None:
+    """Refuse NaN/inf: one would turn a whole q4/q8 group into garbage."""
+    if np.isfinite(w).all():
+        return
+    bad = tuple(int(i) for i in np.argwhere(~np.isfinite(w))[0])
+    at = f"row {row0 + bad[0]}, column {bad[1]}" if w.ndim == 2 else f"element {bad[0]}"
+    raise FormatError(
+        f"{label}: {at} is {w[bad]}; the checkpoint holds non-finite weights, "
+        "fetch or export it again"
+    )
+
+
 def _job(ckpt: Checkpoint, item: DenseSpec | ExpertSpec, experts: str, parts):
     """A callable that produces the encoded bytes of one plan item."""
     rel = ckpt.release_array
+
+    def labels(pieces: tuple[Piece, ...]) -> list[str]:
+        return [
+            f"{ckpt.where[p.name].path}: tensor {p.name!r}"
+            + (f"[{p.index}]" if p.index is not None else "")
+            for p in pieces
+        ]
+
     if isinstance(item, DenseSpec):
         return lambda: encode_pieces(
-            [_source(ckpt, p) for p in item.pieces], item.dtype, item.shape, rel
+            [_source(ckpt, p) for p in item.pieces],
+            item.dtype,
+            item.shape,
+            rel,
+            labels(item.pieces),
         )
 
     def expert() -> dict[str, np.ndarray]:
@@ -508,12 +545,14 @@ def _job(ckpt: Checkpoint, item: DenseSpec | ExpertSpec, experts: str, parts):
                 experts,
                 parts["gate_up"].shape,
                 rel,
+                labels(item.gate_up),
             ),
             "down": encode_pieces(
                 [_source(ckpt, p) for p in item.down],
                 experts,
                 parts["down"].shape,
                 rel,
+                labels(item.down),
             ),
         }
 

@@ -347,6 +347,24 @@ def test_unexpected_tensor_is_refused(tmp_path):
         quantize(src, tmp_path / "s.mer", progress=False)
 
 
+def test_non_finite_weights_are_refused(tmp_path):
+    src = make_hf_checkpoint(tmp_path / "ck", "mixtral", layers=1, dtype="BF16")
+    name = "model.layers.0.block_sparse_moe.experts.2.w3.weight"
+    f = SafetensorsFile(src / "model.safetensors")
+    begin = f.tensors[name].begin
+    del f
+    with open(src / "model.safetensors", "r+b") as fh:
+        fh.seek(begin + 2 * (5 * 64 + 7))  # row 5, column 7 of a [96, 64] bf16
+        fh.write(b"\xc0\x7f")  # NaN
+    r = run("quantize", str(src), "-o", str(tmp_path / "s.mer"), "-q")
+    assert r.exit_code == 1
+    assert (
+        f"Error: {src / 'model.safetensors'}: tensor '{name}': row 5, column 7 is "
+        "nan; the checkpoint holds non-finite weights"
+    ) in r.output
+    assert list(tmp_path.iterdir()) == [src]
+
+
 def test_shape_mismatch_names_tensor_and_expected_shape(tmp_path):
     src = make_hf_checkpoint(tmp_path / "ck", "mixtral", layers=1)
     cfg = json.loads((src / "config.json").read_text())
