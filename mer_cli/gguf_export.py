@@ -269,6 +269,25 @@ def encode_rows(w: np.ndarray, gtype: Any) -> np.ndarray:
     raise ValueError(f"cannot write ggml type {gtype.name}")
 
 
+def _chunk_jobs(ckpt: Checkpoint, tensors: list[OutTensor]):
+    """``(key, job)`` per chunk of rows, in file order; ``job()`` gives its bytes."""
+    for t in tensors:
+        step = max(1, CHUNK_ELEMS // t.cols)
+        for i, seg in enumerate(t.segments):
+            for a in range(0, seg.rows, step):
+                b = min(seg.rows, a + step)
+                last = b == seg.rows
+                key = (t, seg, last, last and i == len(t.segments) - 1)
+                yield (
+                    key,
+                    (
+                        lambda seg=seg, a=a, b=b, g=t.gtype: encode_rows(
+                            segment_rows(ckpt, seg, a, b), g
+                        )
+                    ),
+                )
+
+
 # ================================================================ metadata
 
 
@@ -352,6 +371,7 @@ def export_gguf(
     *,
     qtype: str = "q4_0",
     progress: bool = True,
+    threads: int | None = None,
 ) -> Path:
     """Write the Hugging Face checkpoint ``hf_dir`` as a GGUF file for llama.cpp.
 
@@ -368,6 +388,9 @@ def export_gguf(
         or ``f32``.
     progress
         Show a tqdm bar of bytes written.
+    threads
+        Quantizer threads (default: ``os.cpu_count()``); the file is still
+        written in order by the calling thread.
 
     Returns
     -------
@@ -378,10 +401,13 @@ def export_gguf(
     from tqdm import tqdm
 
     from mer_cli.gguf_tokenizer import gguf_tokenizer_metadata
-    from mer_cli.hf_import import read_config
+    from mer_cli.hf_import import read_config, run_ordered
 
     if qtype not in QTYPES:
         raise UsageError(f"GGUF type is {qtype!r}, expected one of {', '.join(QTYPES)}")
+    if threads is not None and threads < 1:
+        raise UsageError(f"threads is {threads}, expected a whole number >= 1")
+    threads = threads or os.cpu_count() or 1
     src, out = Path(hf_dir), Path(out_path)
     hf, cfg = read_config(src)
     ckpt = Checkpoint(src)
@@ -416,21 +442,25 @@ def export_gguf(
             desc="gguf",
             disable=not progress,
         ) as bar:
-            for t in tensors:
-                written = 0
-                step = max(1, CHUNK_ELEMS // t.cols)
-                for seg in t.segments:
-                    for a in range(0, seg.rows, step):
-                        b = min(seg.rows, a + step)
-                        data = encode_rows(segment_rows(ckpt, seg, a, b), t.gtype)
-                        f.write(memoryview(np.ascontiguousarray(data)).cast("B"))
-                        written += data.nbytes
-                        bar.update(data.nbytes)
+            written = [0]
+
+            def consume(key: tuple[OutTensor, Segment, bool, bool], data) -> None:
+                t, seg, seg_done, tensor_done = key
+                f.write(memoryview(np.ascontiguousarray(data)).cast("B"))
+                written[0] += data.nbytes
+                bar.update(data.nbytes)
+                if seg_done:
                     for p in seg.pieces:
                         ckpt.release(p.name, p.index)
-                if written != t.nbytes:
-                    raise RuntimeError(f"{t.name}: wrote {written} of {t.nbytes} bytes")
-                f.write(b"\0" * (-written % align))
+                if tensor_done:
+                    if written[0] != t.nbytes:
+                        raise RuntimeError(
+                            f"{t.name}: wrote {written[0]} of {t.nbytes} bytes"
+                        )
+                    f.write(b"\0" * (-written[0] % align))
+                    written[0] = 0
+
+            run_ordered(_chunk_jobs(ckpt, tensors), consume, threads, 2 * threads)
         f.flush()
         os.fsync(f.fileno())
         w.close()
