@@ -33,7 +33,6 @@ _CORPUS_MODULES = (
     "shutil",
     "string",
     "textwrap",
-    "typing",
 )
 
 

@@ -30,6 +30,7 @@ class NaiveOutput(NamedTuple):
     routing_weights: list[np.ndarray]  # per layer, [T, K] weights applied
     router_probs: list[np.ndarray]  # per layer, [T, E] softmax of router logits
     hidden: list[np.ndarray]  # residual stream [T, D]: embeddings, then per layer
+    router_logits: list[np.ndarray]  # per layer, [T, E] raw ``x @ gate.weight.T``
 
 
 def rms_norm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
@@ -144,6 +145,7 @@ class NaiveModel:
         selected : int64 [T, K], most probable expert first
         weights : [T, K]
         probs : [T, E] softmax over all router logits
+        logits : [T, E] router logits
         """
         c = self.cfg
         if c.arch == "mixtral":
@@ -152,7 +154,8 @@ class NaiveModel:
         else:
             m = f"model.layers.{layer}.mlp."
             names = ("gate_proj", "up_proj", "down_proj")
-        probs = softmax(h @ self.w(m + "gate.weight").T)  # [T, E]
+        logits = h @ self.w(m + "gate.weight").T  # [T, E]
+        probs = softmax(logits)
         selected = np.argsort(-probs, axis=-1, kind="stable")[:, : c.top_k]
         weights = np.take_along_axis(probs, selected, axis=-1)  # [T, K]
         # Mixtral renormalizes always (softmax over the top-k logits); the others
@@ -170,7 +173,7 @@ class NaiveModel:
                 1.0 + np.exp(-(h @ self.w(m + "shared_expert_gate.weight").T))
             )
             out += gate * self._mlp(m + "shared_expert.", names, h)
-        return out, selected, weights, probs
+        return out, selected, weights, probs, logits
 
     # ------------------------------------------------------------------ model
 
@@ -179,7 +182,7 @@ class NaiveModel:
         c = self.cfg
         ids = np.asarray(token_ids, dtype=np.int64)
         x = self.w("model.embed_tokens.weight")[ids]  # [T, D]
-        hidden, routing, weights, probs = [x], [], [], []
+        hidden, routing, weights, probs, logits = [x], [], [], [], []
         for layer in range(c.num_layers):
             p = f"model.layers.{layer}."
             h = rms_norm(x, self.w(p + "input_layernorm.weight"), c.rms_norm_eps)
@@ -187,17 +190,19 @@ class NaiveModel:
             h = rms_norm(
                 x, self.w(p + "post_attention_layernorm.weight"), c.rms_norm_eps
             )
-            out, sel, wts, prb = self.moe(layer, h)
+            out, sel, wts, prb, lg = self.moe(layer, h)
             x = x + out
             hidden.append(x)
             routing.append(sel)
             weights.append(wts)
             probs.append(prb)
+            logits.append(lg)
         x = rms_norm(x, self.w("model.norm.weight"), c.rms_norm_eps)
         head = (
             "model.embed_tokens.weight" if c.tie_word_embeddings else "lm_head.weight"
         )
-        return NaiveOutput(x @ self.w(head).T, routing, weights, probs, hidden)
+        out = x @ self.w(head).T
+        return NaiveOutput(out, routing, weights, probs, hidden, logits)
 
     def forward(self, token_ids) -> np.ndarray:
         """Logits ``[T, V]`` for every position of ``token_ids``."""
