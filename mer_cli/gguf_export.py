@@ -197,7 +197,7 @@ def tensor_plan(cfg: ModelConfig, ckpt: Checkpoint, qtype: str) -> list[OutTenso
 def _stacked(
     layer: int, specs: list[Any], F: int, D: int, qtype: str
 ) -> list[OutTensor]:
-    """``ffn_gate_exps``/``ffn_up_exps`` ``[E, F, D]`` and ``ffn_down_exps`` ``[E, D, F]``."""
+    """``ffn_{gate,up}_exps`` ``[E, F, D]`` and ``ffn_down_exps`` ``[E, D, F]``."""
     specs = sorted(specs, key=lambda s: s.expert)
     E, b = len(specs), f"blk.{layer}."
     mk = lambda name, shape, segs: OutTensor(  # noqa: E731
@@ -278,14 +278,20 @@ def _chunk_jobs(ckpt: Checkpoint, tensors: list[OutTensor]):
                 b = min(seg.rows, a + step)
                 last = b == seg.rows
                 key = (t, seg, last, last and i == len(t.segments) - 1)
-                yield (
-                    key,
-                    (
-                        lambda seg=seg, a=a, b=b, g=t.gtype: encode_rows(
-                            segment_rows(ckpt, seg, a, b), g
-                        )
-                    ),
-                )
+                yield key, _job(ckpt, seg, a, b, t.gtype)
+
+
+def _job(ckpt: Checkpoint, seg: Segment, a: int, b: int, gtype: Any):
+    def run() -> np.ndarray:
+        w = segment_rows(ckpt, seg, a, b)
+        if not np.isfinite(w).all():  # one NaN turns a whole Q4_0 block to garbage
+            from mer_cli.gguf_import import check_finite
+
+            names = ", ".join(repr(p.name) for p in seg.pieces)
+            check_finite(w, f"{ckpt.dir}: {names} (rows from {seg.start})", a)
+        return encode_rows(w, gtype)
+
+    return run
 
 
 # ================================================================ metadata

@@ -69,7 +69,7 @@ def _types():
 
 
 class GGUFTensor(NamedTuple):
-    """One tensor of the file: numpy-order ``shape`` (``[E, F, D]``), absolute offset."""
+    """One tensor of the file: numpy-order ``shape`` (``[E, F, D]``), file offset."""
 
     name: str
     gtype: Any  # gguf.GGMLQuantizationType
@@ -269,7 +269,7 @@ def _check_tensor_fields(path: Path, size: int, data_start: int, fields) -> None
 
 
 def decode_rows(raw: np.ndarray, gtype: Any, cols: int) -> np.ndarray:
-    """Dequantize GGUF rows (``uint8 [rows, row_nbytes]``) to ``float32 [rows, cols]``."""
+    """Dequantize GGUF rows (``uint8 [rows, row_nbytes]``) to ``f32 [rows, cols]``."""
     T = _types()
     if gtype == T.F32:
         return raw.view("<f4").reshape(-1, cols).copy()
@@ -316,6 +316,18 @@ def unpermute_rows(n_rows: int, n_head: int) -> np.ndarray:
     return h * hd + 2 * i + j
 
 
+def check_finite(w: np.ndarray, label: str, row0: int = 0) -> None:
+    """Refuse NaN/inf: one would turn a whole q4/q8 group into garbage."""
+    if np.isfinite(w).all():
+        return
+    bad = tuple(int(i) for i in np.argwhere(~np.isfinite(w))[0])
+    at = f"row {row0 + bad[0]}, column {bad[1]}" if w.ndim == 2 else f"element {bad[0]}"
+    raise FormatError(
+        f"{label}: {at} is {w[bad]}; the file holds non-finite weights, convert "
+        "the model again"
+    )
+
+
 @dataclass(frozen=True)
 class Src:
     """Rows of a store tensor taken from one GGUF tensor (``index``: one expert)."""
@@ -328,6 +340,10 @@ class Src:
     def nbytes(self) -> int:
         n = self.tensor.nbytes
         return n // self.tensor.shape[0] if self.index is not None else n
+
+    def label(self, g: GGUFFile) -> str:
+        e = "" if self.index is None else f" (expert {self.index})"
+        return f"{g.path}: tensor {self.tensor.name!r}{e}"
 
 
 @dataclass(frozen=True)
@@ -359,6 +375,7 @@ def encode_srcs(
     if len(shape) == 1:
         (s,) = srcs
         v = decode_rows(g.rows(s.tensor, s.index), s.tensor.gtype, shape[0])[0]
+        check_finite(v, s.label(g))
         if s.heads:
             v = v[unpermute_rows(shape[0], s.heads)]
         return quant.encode(v, dtype)
@@ -385,8 +402,10 @@ def encode_srcs(
             lo, hi = r + a, r + a + chunk.shape[0]
             if s.tensor.gtype == exact:
                 packed[lo:hi], scales[lo:hi] = split_blocks(chunk, exact)
+                check_finite(scales[lo:hi], s.label(g) + " block scales", a)
                 continue
             w = decode_rows(chunk, s.tensor.gtype, cols)
+            check_finite(w, s.label(g), a)
             if dtype in quant.QUANTIZED:
                 packed[lo:hi], scales[lo:hi] = fn(w)
             elif dtype == "bf16":
@@ -685,7 +704,8 @@ def check_types(
         warnings.warn(
             f"{g.path}: {kinds}: mer dequantizes these and quantizes them again "
             f"(experts {experts}), which adds a second quantization error; for the "
-            "best fidelity convert from a Q4_0/Q8_0/F16 GGUF or the original checkpoint",
+            "best fidelity convert from a Q4_0/Q8_0/F16 GGUF or the original "
+            "checkpoint",
             stacklevel=3,
         )
     return sorted(t.name for t in seen)

@@ -1,4 +1,4 @@
-"""Tokenizers between GGUF metadata (``tokenizer.ggml.*``) and Hugging Face ``tokenizer.json``.
+"""Tokenizers between GGUF metadata (``tokenizer.ggml.*``) and HF ``tokenizer.json``.
 
 llama.cpp stores a vocabulary as parallel arrays: ``tokens`` (strings),
 ``token_type`` (1 normal, 2 unknown, 3 control, 4 user-defined, 5 unused, 6 byte),

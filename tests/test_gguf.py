@@ -322,8 +322,10 @@ def test_export_then_import_equals_hf_import(tmp_path, arch):
     st = Store.open(quantize_gguf(g, tmp_path / "f32.mer", progress=False))
     assert st.model == ref.model
     assert st.tokenizer == ref.tokenizer
-    crc = lambda s: {k: v["crc32"] for k, v in s.manifest["dense"].items()}  # noqa: E731
-    assert crc(st) == crc(ref)
+    dense = st.manifest["dense"]
+    assert {k: v["crc32"] for k, v in dense.items()} == {
+        k: v["crc32"] for k, v in ref.manifest["dense"].items()
+    }
 
 
 # ================================================================ tokenizer
@@ -498,8 +500,8 @@ def test_unknown_tensor_type(tmp_path):
     r = quantize_cli(str(path), "-o", str(tmp_path / "s"))
     assert r.exit_code == 1
     assert (
-        "tensor 'blk.0.attn_k.weight' has ggml type id 99, which the installed gguf package does not know"
-        in r.output
+        "tensor 'blk.0.attn_k.weight' has ggml type id 99, which the installed gguf "
+        "package does not know" in r.output
     )
 
 
@@ -519,3 +521,21 @@ def test_not_gguf_and_existing_output(tmp_path):
     bad.write_bytes(b"GGUF")
     with pytest.raises(FormatError, match="shorter than a GGUF header"):
         GGUFFile(bad)
+
+
+def test_non_finite_weights_are_refused(tmp_path):
+    path = tmp_path / "m.gguf"
+    write_gguf(path, "qwen3_moe")
+    tensors = gguf.GGUFReader(path).tensors
+    t = next(x for x in tensors if x.name == "blk.1.attn_v.weight")
+    raw = bytearray(path.read_bytes())
+    at = t.data_offset + 4 * (3 * 64 + 5)  # row 3, column 5 of an F32 [64, 64]
+    raw[at : at + 4] = np.float32(np.nan).tobytes()
+    path.write_bytes(bytes(raw))
+    with pytest.raises(FormatError) as e:
+        quantize_gguf(path, tmp_path / "s", progress=False)
+    assert str(e.value) == (
+        f"{path}: tensor 'blk.1.attn_v.weight': row 3, column 5 is nan; the file "
+        "holds non-finite weights, convert the model again"
+    )
+    assert not (tmp_path / "s").exists()
