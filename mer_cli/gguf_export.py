@@ -415,6 +415,12 @@ def export_gguf(
         raise UsageError(f"threads is {threads}, expected a whole number >= 1")
     threads = threads or os.cpu_count() or 1
     src, out = Path(hf_dir), Path(out_path)
+    if not out.parent.is_dir() or out.is_dir():
+        raise UsageError(
+            f"{out}: cannot write a GGUF file there ("
+            + ("it is a directory" if out.is_dir() else "no such parent directory")
+            + "); give a file path in an existing directory"
+        )
     hf, cfg = read_config(src)
     ckpt = Checkpoint(src)
     tensors = tensor_plan(cfg, ckpt, qtype)

@@ -539,3 +539,13 @@ def test_non_finite_weights_are_refused(tmp_path):
         "holds non-finite weights, convert the model again"
     )
     assert not (tmp_path / "s").exists()
+
+
+def test_export_refuses_a_missing_directory(tmp_path):
+    from mer_cli.errors import UsageError
+
+    src = make_hf_checkpoint(tmp_path / "hf", "olmoe", layers=1)
+    with pytest.raises(UsageError, match="no such parent directory"):
+        export_gguf(src, tmp_path / "nope" / "m.gguf", progress=False)
+    with pytest.raises(UsageError, match="GGUF type is 'q3_k', expected one of q4_0"):
+        export_gguf(src, tmp_path / "m.gguf", qtype="q3_k", progress=False)
