@@ -261,7 +261,10 @@ def _write_test_file(path: Path, size: int, progress: bool) -> None:
     except OSError as e:
         if e.errno != errno.EINVAL:
             raise
-        fd = os.open(path, flags, 0o600)  # no O_DIRECT writes here: buffered
+        raise UnsupportedError(
+            f"{path.parent}: the file system refuses O_DIRECT, so its figures "
+            "would measure the page cache; choose a directory on the drive itself"
+        ) from None
     buf = mmap.mmap(-1, min(WRITE_CHUNK, size))
     words = view = None
     try:
@@ -362,6 +365,11 @@ def open_target(
         _check_logical_block(dev, path)
         yield Target(path, path, "file", span, dev)
     elif stat.S_ISDIR(st.st_mode):
+        if os.statvfs(path).f_flag & os.ST_RDONLY:
+            raise ResourceError(
+                f"{path}: the file system is mounted read-only, so no test file "
+                "can be written; give a large file on it or its block device"
+            )
         if not os.access(path, os.W_OK | os.X_OK):
             raise ResourceError(
                 f"{path}: permission denied creating a test file in the directory; "
@@ -416,7 +424,8 @@ class _Bench:
     buffers: the data is thrown away and the drive's DMA does not care.
     """
 
-    def __init__(self, fd: int, span: int, max_block: int, max_threads: int):
+    def __init__(self, path: str, fd: int, span: int, max_block: int, max_threads: int):
+        self.path = path
         self.fd = fd
         self.span = span
         self.stop = threading.Event()
@@ -449,11 +458,11 @@ class _Bench:
             for buf in bufs:
                 buf.release()  # the arena can only close without exports
 
-    def _check(self, got: int, want: int, offset: int, fd: int) -> None:
+    def _check(self, got: int, want: int, offset: int) -> None:
         if got != want:
             raise ReadError(
-                f"short read: {got} of {want} bytes at offset {offset} (fd {fd}); "
-                "the target changed size during the run"
+                f"{self.path}: short read, {got} of {want} bytes at offset "
+                f"{offset}; did the target shrink during the run?"
             )
 
     def sequential(
@@ -487,7 +496,7 @@ class _Bench:
                     return total, time.perf_counter()
                 off = (first + k) % nblocks * block
                 got = os.preadv(fd, [buf], off)
-                self._check(got, block, off, fd)
+                self._check(got, block, off)
                 total += got
                 now = time.perf_counter()
                 if now >= deadline or self.stop.is_set():
@@ -514,7 +523,7 @@ class _Bench:
                 t = time.perf_counter_ns()
                 got = os.preadv(self.fd, [buf], off)
                 now = time.perf_counter_ns()
-                self._check(got, RANDOM_BLOCK, off, self.fd)
+                self._check(got, RANDOM_BLOCK, off)
                 lat.append(now - t)
                 if now >= deadline or self.stop.is_set():
                     return lat, now
@@ -559,6 +568,11 @@ def _spread(i: int) -> float:
     return (i * 0.6180339887498949) % 1.0
 
 
+def _check_duration(duration: float) -> None:
+    if not (duration > 0 and math.isfinite(duration)):
+        raise UsageError(f"--duration {duration:g} must be a number of seconds > 0")
+
+
 def measure(
     target: Target,
     duration: float = 60.0,
@@ -574,8 +588,7 @@ def measure(
     """
     from tqdm import tqdm
 
-    if not duration > 0:
-        raise UsageError(f"--duration {duration} must be a number of seconds > 0")
+    _check_duration(duration)
     grid = plan_grid(target.span, quick)
     ncells = len(grid) + 4  # + random QD1 and QD16, buffered and its direct twin
     cell_s = max(duration / ncells, MIN_CELL_SECONDS)
@@ -592,7 +605,7 @@ def measure(
     max_block = max([b for b, _ in grid] + [RANDOM_BLOCK])
     max_threads = max([t for _, t in grid] + [RANDOM_THREADS])
     fd = _open_direct(target.read_path, "device" if target.kind == "device" else "file")
-    bench = _Bench(fd, target.span, max_block, max_threads)
+    bench = _Bench(target.read_path, fd, target.span, max_block, max_threads)
     cells: list[SequentialCell] = []
     try:
         with tqdm(
@@ -650,7 +663,7 @@ def measure_sequential(
             f"the target's {target.span} bytes"
         )
     fd = _open_direct(target.read_path, "device" if target.kind == "device" else "file")
-    bench = _Bench(fd, target.span, block, threads)
+    bench = _Bench(target.read_path, fd, target.span, block, threads)
     try:
         return bench.sequential(block, threads, seconds, start)
     finally:
@@ -711,6 +724,7 @@ def profile_target(
     -------
     Profile : the measurements and chosen reader settings (not saved).
     """
+    _check_duration(duration)  # before a test file is written
     with _signals_exit(), open_target(path, size, progress, log) as target:
         return measure(target, duration, quick, progress, log)
 

@@ -281,6 +281,14 @@ def test_cli_not_enough_free_space(tmp_path):
     assert _leftovers(tmp_path) == []
 
 
+@pytest.mark.parametrize("value", ["0", "-3", "nan"])
+def test_cli_bad_duration_fails_before_writing(tmp_path, value):
+    res = CliRunner().invoke(cli, ["profile-ssd", str(tmp_path), "--duration", value])
+    assert res.exit_code == 2
+    assert "must be a number of seconds > 0" in res.stderr
+    assert _leftovers(tmp_path) == []
+
+
 def test_cli_size_needs_a_directory(tmp_path):
     f = _data_file(tmp_path / "data.bin")
     res = CliRunner().invoke(cli, ["profile-ssd", str(f), "--size", "1GiB"])
