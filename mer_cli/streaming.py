@@ -1,0 +1,449 @@
+"""Experts streamed from the store into a DRAM cache under a byte budget.
+
+:class:`StreamedExperts` is the :class:`~mer_cli.experts.ExpertSource` for
+models larger than memory: ``ram_budget // extent_nbytes`` fixed slots (one
+anonymous mapping, allocated once), O_DIRECT reads on a thread pool
+(``mer_cli.io.reader``), and the three-signal eviction of
+:class:`~mer_cli.cache.ExpertCache`.
+
+``fetch(layer, ids)`` yields the experts already in DRAM first, then each
+missing one the moment its read completes, so the MoE layer computes while the
+drive works. A yielded expert's slot is held only until the generator is
+resumed; after that it may be reused, which is why a budget of ONE slot still
+works with any top-k (reads then happen one after another). Prefetches
+(``prefetch(layer, ids, scores)``) go only into empty slots or over experts worth
+less than what they bring, are queued behind every demand read, are limited in
+number (fewer when their measured precision drops), and are cancelled when
+stale: a fetch of the layer that does not ask for them, or a newer prefetch
+hint for that layer.
+
+Not thread-safe: one compute thread calls fetch/prefetch/stats; only the reader
+threads run alongside, and they touch nothing here but a completion queue.
+"""
+
+from __future__ import annotations
+
+import queue
+import sys
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
+
+from mer_cli.cache import LOADING, READY, ExpertCache, simulate_belady, simulate_lru
+from mer_cli.errors import ReadError, ResourceError
+from mer_cli.formats.store import Store
+from mer_cli.io.reader import (
+    DEFAULT_CHUNK,
+    DEFAULT_THREADS,
+    DEMAND,
+    PREFETCH,
+    ExtentReader,
+    ReadRequest,
+)
+from mer_cli.io.slabs import SlabPool
+from mer_cli.memory import check_budget
+from mer_cli.units import format_size
+
+# prefetch precision below which the number of prefetches in flight is cut
+PRECISION_FLOOR = 0.5
+
+
+class StreamedExperts:
+    """Stream routed experts from ``store`` through a cache of ``ram_budget`` bytes.
+
+    Parameters
+    ----------
+    store
+        An opened :class:`~mer_cli.formats.store.Store`.
+    ram_budget
+        Bytes for expert slots; at least one extent (``store.extent_nbytes``).
+    io_threads
+        Reader threads, i.e. the I/O queue depth.
+    chunk_size
+        Bytes per read call; one extent is read as several chunks in parallel.
+    verify_checksums
+        Check the CRC-32 of every extent read against the manifest.
+    prefetch
+        Act on :meth:`prefetch` hints (False: ignore them, demand reads only).
+    prefetch_depth
+        Most prefetch reads in flight at once (default: the model's top-k).
+    pinned
+        ``(layer, expert)`` pairs loaded at start and never evicted (the hot set
+        from trace statistics); must leave at least one slot free.
+    direct
+        Use O_DIRECT reads (False: buffered reads + ``fadvise(DONTNEED)``).
+    switch_interval
+        If given, ``sys.setswitchinterval`` while the source is open (restored
+        by :meth:`close`): a Python-heavy compute thread otherwise holds the GIL
+        for up to 5 ms at a time before a reader thread can queue its next read.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        ram_budget: int,
+        *,
+        io_threads: int = DEFAULT_THREADS,
+        chunk_size: int = DEFAULT_CHUNK,
+        verify_checksums: bool = False,
+        prefetch: bool = True,
+        prefetch_depth: int | None = None,
+        pinned: Iterable[tuple[int, int]] = (),
+        direct: bool = True,
+        populate: bool = True,
+        switch_interval: float | None = None,
+    ) -> None:
+        cfg = store.model
+        self.store = store
+        self.L, self.E = cfg.num_layers, cfg.num_experts
+        self.ram_budget = int(ram_budget)
+        slots = check_budget(self.ram_budget, store.extent_nbytes, str(store.path))
+        slots = min(slots, self.L * self.E)
+        pinned = sorted({(int(la), int(e)) for la, e in pinned})
+        if pinned and len(pinned) >= slots:
+            raise ResourceError(
+                f"pinning {len(pinned)} experts needs at least {len(pinned) + 1} slots "
+                f"({format_size((len(pinned) + 1) * store.extent_nbytes)}), but "
+                f"--ram-budget {format_size(self.ram_budget)} holds {slots}; raise "
+                "--ram-budget or pin fewer experts"
+            )
+        self.slots = slots
+        self.verify = verify_checksums
+        self.prefetch_enabled = prefetch
+        self.prefetch_depth = prefetch_depth or cfg.top_k
+        self.slabs = SlabPool(store.extent_nbytes, slots, populate=populate)
+        self.cache = ExpertCache(slots, self.L, self.E)
+        self.reader = ExtentReader(
+            store.file_paths, threads=io_threads, chunk_size=chunk_size, direct=direct
+        )
+        self._done: queue.SimpleQueue[ReadRequest] = queue.SimpleQueue()
+        self._reqs: dict[int, ReadRequest] = {}  # slot -> read in flight into it
+        self._prefetched: set[int] = set()  # slots filled by prefetch, not yet used
+        self._landed: list[ReadRequest] = []  # finished reads a fetch waits for
+        self.sequence: list[int] = []  # demanded keys, in order
+        self.hits = self.misses = 0
+        self.stall_seconds = 0.0
+        self.fetches = 0
+        self.pf_issued = self.pf_used = self.pf_late = 0
+        self.pf_wasted = self.pf_cancelled = self.pf_failed = 0
+        self._pf_precision = 1.0  # moving average of used (1) vs not (0)
+        self._old_switch = None
+        if switch_interval is not None:
+            self._old_switch = sys.getswitchinterval()
+            sys.setswitchinterval(switch_interval)
+        try:
+            self._load_pinned(pinned)
+        except BaseException:
+            self.close()
+            raise
+
+    # -------------------------------------------------------------- helpers
+
+    def _label(self, key: int) -> str:
+        return f"expert (layer {key // self.E}, expert {key % self.E})"
+
+    def _submit(self, slot: int, key: int, priority: int) -> ReadRequest:
+        ent = self.store.experts[key]
+        req = self.reader.submit(
+            ent.file,
+            ent.offset,
+            ent.nbytes,
+            self.slabs.slabs[slot],
+            priority=priority,
+            key=slot,
+            label=self._label(key),
+            crc32=ent.crc32 if self.verify else None,
+            on_done=self._done.put,
+        )
+        self._reqs[slot] = req
+        return req
+
+    def _evict_into(self, slot: int, key: int) -> None:
+        """Give ``slot`` (empty or evictable) to ``key``, which starts loading."""
+        if slot in self._prefetched:  # its prefetched expert was never used
+            self._prefetched.discard(slot)
+            self.pf_wasted += 1
+            self._pf_outcome(0.0)
+        self.cache.assign(slot, key, LOADING)
+
+    def _pf_outcome(self, used: float) -> None:
+        self._pf_precision += 0.1 * (used - self._pf_precision)
+
+    def _complete(self, req: ReadRequest) -> None:
+        """Apply a finished read to the slot table (compute thread only)."""
+        slot = req.key
+        if self._reqs.get(slot) is not req:
+            return
+        del self._reqs[slot]
+        if self.cache.users[slot] > 0:  # a fetch is waiting for this slot
+            self._landed.append(req)
+        if req.ok:
+            self.cache.mark_ready(slot)
+            return
+        if slot in self._prefetched:
+            self._prefetched.discard(slot)
+            self.pf_failed += 1  # a demand read of it will report the error
+            self._pf_outcome(0.0)
+        self.cache.clear(slot)
+
+    def _cancel(self, slot: int) -> None:
+        """Cancel the prefetch read into ``slot``; its expert counts as absent at
+        once, the slot comes back when the chunks in flight have landed."""
+        if self.reader.cancel(self._reqs[slot]):
+            self._prefetched.discard(slot)
+            self.pf_cancelled += 1
+            self._pf_outcome(0.0)
+            self.cache.detach(slot)
+
+    def _drain(self) -> None:
+        while True:
+            try:
+                req = self._done.get_nowait()
+            except queue.Empty:
+                return
+            self._complete(req)
+
+    def _wait(self) -> ReadRequest:
+        """Block until some read finishes (time counted as stall), apply it."""
+        t0 = time.perf_counter()
+        req = self._done.get()
+        self.stall_seconds += time.perf_counter() - t0
+        self._complete(req)
+        return req
+
+    def _parts(self, slot: int) -> dict[str, Any]:
+        return self.store.expert_parts(self.slabs.view(slot))
+
+    def _cancel_stale(self, layer: int, keep: set[int]) -> None:
+        """Cancel prefetch reads for ``layer`` whose experts are not in ``keep``."""
+        lo, hi = layer * self.E, (layer + 1) * self.E
+        for slot in list(self._reqs):
+            key = int(self.cache.key[slot])
+            if slot in self._prefetched and lo <= key < hi and key not in keep:
+                self._cancel(slot)
+
+    def _load_pinned(self, pinned: list[tuple[int, int]]) -> None:
+        for la, e in pinned:
+            key = la * self.E + e
+            slot = self.cache.victim()
+            self.cache.assign(slot, key, LOADING)
+            self.cache.pin(key)
+            self._submit(slot, key, DEMAND)
+        while self._reqs:
+            req = self._wait()
+            if req.error is not None:
+                raise req.error
+
+    # -------------------------------------------------------------- ExpertSource
+
+    def fetch(
+        self, layer: int, experts: Sequence[int]
+    ) -> Iterator[tuple[int, dict[str, Any]]]:
+        """Yield ``(expert_id, parts)`` for each id, cached ones first, then each
+        missing one as soon as its read completes.
+
+        ``parts`` maps ``"gate_up"``/``"down"`` to read-only zero-copy views into
+        a slab, valid until the generator is resumed or closed.
+
+        Raises
+        ------
+        ReadError
+            A read failed (file truncated, removed, I/O error after retries).
+        FormatError
+            ``verify_checksums`` is on and an extent's CRC-32 does not match.
+        """
+        E, cache = self.E, self.cache
+        keys = [layer * E + int(e) for e in experts]
+        if len(set(keys)) != len(keys):
+            raise ValueError(f"fetch(layer {layer}): repeated expert ids {experts}")
+        self.fetches += 1
+        cache.begin_layer(layer)
+        for k in keys:
+            cache.on_request(k)
+        self.sequence.extend(keys)
+        self._drain()
+        self._cancel_stale(layer, set(keys))
+        self._drain()
+
+        ready: list[int] = []  # slots to yield at once
+        mine: set[int] = set()  # slots loading for this fetch
+        waiting: list[int] = []  # keys still without a slot
+        for k in keys:
+            s = cache.find(k)
+            if s is None:
+                self.misses += 1
+                waiting.append(k)
+                continue
+            if s in self._prefetched:
+                self._prefetched.discard(s)
+                self.pf_used += 1
+                self._pf_outcome(1.0)
+            cache.acquire(s)
+            if cache.state[s] == READY:
+                self.hits += 1
+                ready.append(s)
+            else:  # a prefetch still in flight: now a demand read
+                self.misses += 1
+                self.pf_late += 1
+                self.reader.promote(self._reqs[s], DEMAND)
+                mine.add(s)
+        held: set[int] = set(ready) | mine  # slots this fetch has acquired
+        try:
+            waiting = self._start(waiting, held, mine)
+            for s in ready:
+                yield int(cache.key[s]) % E, self._parts(s)
+                held.discard(s)
+                cache.release(s)
+                waiting = self._start(waiting, held, mine)
+            while mine or waiting:
+                req = next((r for r in self._landed if r.key in mine), None)
+                if req is None:
+                    if waiting and not mine:
+                        self._make_room()
+                        waiting = self._start(waiting, held, mine)
+                        if mine:
+                            continue
+                    self._wait()
+                    waiting = self._start(waiting, held, mine)
+                    continue
+                self._landed.remove(req)
+                s = req.key
+                mine.discard(s)
+                if req.error is not None:
+                    raise req.error
+                if not req.ok:
+                    raise ReadError(f"read of {req.label} was cancelled")
+                yield int(cache.key[s]) % E, self._parts(s)
+                held.discard(s)
+                cache.release(s)
+                waiting = self._start(waiting, held, mine)
+        finally:
+            for s in held:
+                cache.release(s)
+            self._landed = [r for r in self._landed if r.key not in held]
+
+    def _start(self, waiting: list[int], held: set[int], mine: set[int]) -> list[int]:
+        """Start demand reads for ``waiting`` keys while slots can be had."""
+        self._drain()
+        while waiting:
+            s = self.cache.victim()
+            if s is None:
+                break
+            key = waiting.pop(0)
+            self._evict_into(s, key)
+            self.cache.acquire(s)
+            held.add(s)
+            mine.add(s)
+            self._submit(s, key, DEMAND)
+        return waiting
+
+    def _make_room(self) -> None:
+        """No slot is free and nothing of this fetch is loading: cancel prefetch
+        reads so their slots come back (or fail loudly rather than hang)."""
+        self._drain()
+        if self.cache.victim() is not None:
+            return
+        pf = [s for s in self._reqs if s in self._prefetched]
+        for s in pf:
+            self._cancel(s)
+        if not self._reqs:
+            raise ResourceError(
+                f"all {self.slots} expert slots are in use by the compute or pinned; "
+                "close earlier fetch() generators before starting another, or "
+                "raise --ram-budget"
+            )
+
+    def prefetch(
+        self, layer: int, experts: Sequence[int], scores: Sequence[float] | None = None
+    ) -> None:
+        """Start reading ``layer``'s ``experts`` (best first) into spare slots.
+
+        ``scores`` (probabilities of use) also feed the cache's predictor signal.
+        Never evicts an expert worth more than the one it would bring, never
+        touches slots in use, and queues behind every demand read.
+        """
+        if not 0 <= layer < self.L:
+            return
+        E, cache = self.E, self.cache
+        ids = [int(e) for e in experts]
+        if scores is not None:
+            cache.set_predictions(layer, ids, scores)
+        if not self.prefetch_enabled:
+            return
+        self._drain()
+        self._cancel_stale(layer, {layer * E + e for e in ids})
+        limit = self.prefetch_depth
+        if self._pf_precision < PRECISION_FLOOR:
+            limit = max(1, int(limit * self._pf_precision / PRECISION_FLOOR))
+        inflight = sum(1 for s in self._reqs if s in self._prefetched)
+        for e in ids:
+            if inflight >= limit:
+                break
+            key = layer * E + e
+            if cache.find(key) is not None:
+                continue
+            s = cache.victim(below=float(cache.value(key)))
+            if s is None:
+                break
+            self._evict_into(s, key)
+            self._prefetched.add(s)
+            self._submit(s, key, PREFETCH)
+            self.pf_issued += 1
+            inflight += 1
+
+    def stats(self) -> dict[str, Any]:
+        """Counters for ``--stats``/``--json``.
+
+        ``hit_rate`` counts experts found in DRAM when asked for (prefetched or
+        kept); ``hit_rate_lru`` and ``hit_rate_belady`` replay the same request
+        sequence through LRU and Belady's MIN with the same number of slots
+        (demand caching without prefetch; MIN is its offline optimum).
+        """
+        self._drain()
+        r = self.reader.stats()
+        n = len(self.sequence)
+        resolved = self.pf_used + self.pf_wasted + self.pf_cancelled + self.pf_failed
+        return {
+            "source": "streamed",
+            "ram_budget": self.ram_budget,
+            "slots": self.slots,
+            "slot_nbytes": self.slabs.slab_nbytes,
+            "expert_requests": n,
+            "hits": self.hits,
+            "misses": self.misses,
+            "hit_rate": self.hits / n if n else 0.0,
+            "hit_rate_lru": simulate_lru(self.sequence, self.slots),
+            "hit_rate_belady": simulate_belady(self.sequence, self.slots),
+            "bytes_read": r["bytes_read"],
+            "read_seconds": r["read_seconds"],
+            "read_gbps": r["read_gbps"],
+            "stall_seconds": self.stall_seconds,
+            "read_retries": r["retries"],
+            "buffered_files": r["buffered_files"],
+            "prefetch_issued": self.pf_issued,
+            "prefetch_used": self.pf_used,
+            "prefetch_late": self.pf_late,
+            "prefetch_wasted": self.pf_wasted,
+            "prefetch_cancelled": self.pf_cancelled,
+            "prefetch_precision": self.pf_used / resolved if resolved else 0.0,
+            "prefetch_recall": (
+                self.pf_used / (self.pf_used + self.misses - self.pf_late)
+                if self.pf_used + self.misses - self.pf_late
+                else 0.0
+            ),
+        }
+
+    def close(self) -> None:
+        """Stop the reader threads and free the slabs (views become invalid)."""
+        self.reader.close()
+        self._drain()
+        self.slabs.close()
+        if self._old_switch is not None:
+            sys.setswitchinterval(self._old_switch)
+            self._old_switch = None
+
+    def __enter__(self) -> StreamedExperts:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
