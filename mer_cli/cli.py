@@ -91,5 +91,13 @@ def cli() -> None:
     """
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    # library warnings (lossy conversions, buffered-I/O fallback) read as one line
+    click.echo(f"Warning: {message}", err=True)
+
+
 def main() -> None:
+    import warnings
+
+    warnings.showwarning = _show_warning
     cli(prog_name="mer")
