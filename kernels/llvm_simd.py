@@ -29,6 +29,10 @@ from llvmlite import ir
 from numba.core import cgutils, types
 from numba.extending import intrinsic
 
+#: software-prefetch distance in bytes for the q4 weight stream (0: none).
+#: numba's on-disk cache does not see changes here: clear kernels/__pycache__.
+PREFETCH = 1024
+
 _i1 = ir.IntType(1)
 _i8 = ir.IntType(8)
 _i16 = ir.IntType(16)
@@ -80,6 +84,25 @@ class _Emitter:
             _vec(_i32, n_in * each), [i // each for i in range(n_in * each)]
         )
         return self.b.shuffle_vector(v, ir.Constant(v.type, None), mask)
+
+    def prefetcher(self):
+        """``pf(ptr, idx)``: prefetch ``PREFETCH`` bytes past ``ptr[idx]`` (no-op if 0).
+
+        The weight stream is read once; a software prefetch a few hundred bytes
+        ahead keeps more DRAM requests in flight than the rows' hardware
+        prefetchers do on their own.
+        """
+        if PREFETCH <= 0:
+            return lambda ptr, idx: None
+        i8p = _i8.as_pointer()
+        fn = self.fn("llvm.prefetch.p0i8", ir.VoidType(), [i8p, _i32, _i32, _i32])
+
+        def pf(ptr, idx):
+            p = self.b.gep(ptr, [self.b.add(idx, self.const(PREFETCH))])
+            args = [ir.Constant(_i32, 0), ir.Constant(_i32, 3), ir.Constant(_i32, 1)]
+            self.b.call(fn, [self.b.bitcast(p, i8p), *args])
+
+        return pf
 
     def hsum(self, v, n):
         tot = self.b.extract_element(v, ir.Constant(_i32, 0))
@@ -133,6 +156,7 @@ def _emit_q4_avx2(e, nr, nt):
     """Chunks of 2 groups (64 weights, 32 packed bytes) with vpmaddubsw/vpmaddwd."""
     b = e.b
     o = _q4_body(e, nr, nt, 8)
+    pf = e.prefetcher()
     v32i8, v16i16, v8i32, v8f = (
         _vec(_i8, 32),
         _vec(_i16, 16),
@@ -162,6 +186,7 @@ def _emit_q4_avx2(e, nr, nt):
                 )
             )
         for k in range(nr):
+            pf(o["pd"], b.add(o["wbase"][k], off16))
             w = e.load(o["pd"], b.add(o["wbase"][k], off16), v32i8)
             wl = b.and_(w, m15)
             wh = b.lshr(w, sh4)
@@ -179,6 +204,7 @@ def _emit_q4_vnni(e, nr, nt):
     """Chunks of 4 groups (128 weights, 64 packed bytes) with vpdpbusd."""
     b = e.b
     o = _q4_body(e, nr, nt, 16)
+    pf = e.prefetcher()
     v64i8, v16i32, v16f = _vec(_i8, 64), _vec(_i32, 16), _vec(_f32, 16)
     dpbusd = e.fn("llvm.x86.avx512.vpdpbusd.512", v16i32, [v16i32, v16i32, v16i32])
     fma = e.fn("llvm.fma.v16f32", v16f, [v16f, v16f, v16f])
@@ -201,6 +227,7 @@ def _emit_q4_vnni(e, nr, nt):
                 )
             )
         for k in range(nr):
+            pf(o["pd"], b.add(o["wbase"][k], off16))
             w = e.load(o["pd"], b.add(o["wbase"][k], off16), v64i8)
             wl = b.bitcast(b.and_(w, m15), v16i32)
             wh = b.bitcast(b.lshr(w, sh4), v16i32)
