@@ -225,9 +225,17 @@ def device_of(path: str | os.PathLike) -> int:
     return backing_device(st.st_dev)
 
 
-def default_profile_path(dev: int) -> Path:
-    """Where ``mer profile-ssd`` writes the profile of device ``dev`` by default."""
-    return config_dir() / "io-profiles" / f"{os.major(dev)}-{os.minor(dev)}.toml"
+def default_profile_path(dev: int | str) -> Path:
+    """Where ``mer profile-ssd`` writes the profile of a device by default.
+
+    ``dev`` is a device number or its ``"major:minor"`` form (``DeviceInfo.id``).
+    """
+    key = (
+        dev.replace(":", "-")
+        if isinstance(dev, str)
+        else device_id(dev).replace(":", "-")
+    )
+    return config_dir() / "io-profiles" / f"{key}.toml"
 
 
 # ---------------------------------------------------------------- writing

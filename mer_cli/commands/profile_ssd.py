@@ -94,12 +94,7 @@ def command(
         progress=sys.stderr.isatty() and not as_json,
         log=log,
     )
-    if output is None:
-        dev = tuple(int(x) for x in profile.device.id.split(":"))
-        import os
-
-        output = str(default_profile_path(os.makedev(*dev)))
-    saved = save_profile(profile, output)
+    saved = save_profile(profile, output or default_profile_path(profile.device.id))
     if plot_path is not None:
         from mer_cli.plot import plot_sequential
 
