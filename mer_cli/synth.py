@@ -610,6 +610,8 @@ def _prepare_output(out: Path, force: bool, nbytes: int) -> Path:
             "replace it"
         )
     parent = out.parent if str(out.parent) else Path(".")
+    if parent.exists() and not parent.is_dir():
+        raise UsageError(f"{out}: parent {parent} is not a directory")
     if not parent.is_dir():
         raise UsageError(f"{out}: parent directory {parent} does not exist")
     if not os.access(parent, os.W_OK):
