@@ -580,6 +580,11 @@ def write_checkpoint(
     """
     p = plan(preset, layers, dtype, shard_size)
     out = Path(out)
+    if gguf is not None and Path(gguf).exists() and not force:
+        raise UsageError(
+            f"{gguf}: output already exists; choose another --gguf or pass --force "
+            "to replace it"
+        )
     tmp = _prepare_output(out, force, p.nbytes)
     try:
         _write_tokenizer(
@@ -599,7 +604,7 @@ def write_checkpoint(
     if gguf is not None:
         from mer_cli.gguf_export import export_gguf
 
-        export_gguf(out, gguf)
+        export_gguf(out, gguf, progress=progress, threads=workers)
     return out
 
 

@@ -275,6 +275,29 @@ def test_cli_unwritable_parent(tmp_path):
     assert "/proc/1/ckpt: cannot write into /proc/1 (permission denied)" in r.output
 
 
+def test_gguf_q4_0_holds_the_same_model(tmp_path):
+    import gguf
+
+    out, path = tmp_path / "ck", tmp_path / "m.gguf"
+    synth.write_checkpoint("tiny-mixtral", out, layers=1, gguf=path)
+    r = gguf.GGUFReader(path)
+    arch = r.fields["general.architecture"]
+    assert bytes(arch.parts[arch.data[0]]).decode() == "llama"
+    t = {x.name: x for x in r.tensors}["blk.0.ffn_down_exps.weight"]
+    assert t.tensor_type == gguf.GGMLQuantizationType.Q4_0
+    got = gguf.quants.dequantize(t.data, t.tensor_type)  # [E, D, F]
+    assert got.shape == (8, 256, 384)
+    want = Checkpoint(out).f32("model.layers.0.block_sparse_moe.experts.3.w2.weight")
+    # Q4_0: 32-weight groups, scale amax/8, so no weight moves more than amax/8
+    amax = np.abs(want.reshape(256, 12, 32)).max(-1, keepdims=True)
+    err = np.abs(got[3] - want).reshape(256, 12, 32)
+    assert (err <= amax / 8 * 1.001).all() and err.mean() < 0.15 * np.abs(want).mean()
+    r = CliRunner().invoke(
+        cli, ["synth", "tiny-mixtral", "-o", str(tmp_path / "c2"), "--gguf", str(path)]
+    )
+    assert r.exit_code == 2 and f"{path}: output already exists" in r.output
+
+
 def test_interrupted_write_leaves_nothing(tmp_path, monkeypatch):
     real, calls = synth.generate_tensor, []
 
