@@ -88,7 +88,7 @@ def _run_quantized(w: QTensor, qa: QuantizedActivation, out: np.ndarray, path: s
             _q4.q4_generic(packed, scales, qa.q, qa.d, qa.gsum, _q4.HALF_TABLE, out)
             return
         fn = _q4.q4_avx2 if path == "avx2" else _q4.q4_vnni512
-        gb = _group_block("q4", T, G, 2 if path == "avx2" else 4)
+        gb = _group_block("q4", T, G, 8 if path == "avx2" else 4)
         fn(packed, scales, qa.lo, qa.hi, qa.corr, qa.dl, qa.q, qa.d, qa.gsum,
            _q4.HALF_TABLE, gb, out)  # fmt: skip
     elif path == "generic":

@@ -200,6 +200,80 @@ def _emit_q4_avx2(e, nr, nt):
     return [e.hsum(b.load(a), 8) for a in o["accs"]]
 
 
+def _emit_q4_avx2_g8(e, nr, nt):
+    """Chunks of 8 groups (256 weights, 128 packed bytes) with vpmaddubsw/vpmaddwd,
+    then ``vphaddd`` folds the four int32 vectors into one lane per group so the
+    float work (offset, convert, scale, FMA) is done once per 8 groups.
+
+    Signature: (packed, scales, r0, lo, hi, gsum, d, t0, g0, nchunk) -- the
+    offset uses ``gsum`` and the scale ``d`` per group, not ``corr``/``dl``.
+    """
+    b = e.b
+    packed, scales = e.array(0), e.array(1)
+    lo, hi, gsum, d = e.array(3), e.array(4), e.array(5), e.array(6)
+    r0, t0, g0, nchunk = e.intp(2), e.intp(7), e.intp(8), e.intp(9)
+    half = b.extract_value(packed.shape, 1)
+    ngr = b.extract_value(scales.shape, 1)
+    wbase = [b.mul(b.add(r0, e.const(k)), half) for k in range(nr)]
+    sbase = [b.mul(b.add(r0, e.const(k)), ngr) for k in range(nr)]
+    xbase = [b.mul(b.add(t0, e.const(u)), half) for u in range(nt)]
+    gbase = [b.mul(b.add(t0, e.const(u)), ngr) for u in range(nt)]
+    accs = e.accumulators(nr * nt, 8)
+    pf = e.prefetcher()
+    v32i8, v16i16, v8i32, v8f = (
+        _vec(_i8, 32),
+        _vec(_i16, 16),
+        _vec(_i32, 8),
+        _vec(_f32, 8),
+    )
+    maddubs = e.fn("llvm.x86.avx2.pmadd.ub.sw", v16i16, [v32i8, v32i8])
+    maddwd = e.fn("llvm.x86.avx2.pmadd.wd", v8i32, [v16i16, v16i16])
+    phadd = e.fn("llvm.x86.avx2.phadd.d", v8i32, [v8i32, v8i32])
+    fma = e.fn("llvm.fma.v8f32", v8f, [v8f, v8f, v8f])
+    m15 = ir.Constant(v32i8, [15] * 32)
+    sh4 = ir.Constant(v32i8, [4] * 32)
+    ones = ir.Constant(v16i16, [1] * 16)
+    sh3 = ir.Constant(v8i32, [3] * 8)
+    # after the phadds lanes hold groups [0 2 4 6 | 1 3 5 7]; put them in order
+    order = ir.Constant(_vec(_i32, 8), [0, 4, 1, 5, 2, 6, 3, 7])
+    with cgutils.for_range(b, nchunk) as loop:
+        g = b.add(g0, b.mul(loop.index, e.const(8)))
+        off16 = b.mul(g, e.const(16))
+        xs = []
+        for u in range(nt):
+            xo = b.add(xbase[u], off16)
+            xl = [e.load(lo.data, b.add(xo, e.const(32 * c)), v32i8) for c in range(4)]
+            xh = [e.load(hi.data, b.add(xo, e.const(32 * c)), v32i8) for c in range(4)]
+            go = b.add(gbase[u], g)
+            off8 = b.shl(e.load(gsum.data, go, v8i32), sh3)  # 8 * sum(xq) per group
+            xs.append((xl, xh, off8, e.load(d.data, go, v8f)))
+        for k in range(nr):
+            ws = []
+            for c in range(4):
+                wo = b.add(wbase[k], b.add(off16, e.const(32 * c)))
+                if c % 2 == 0:
+                    pf(packed.data, wo)
+                w = e.load(packed.data, wo, v32i8)
+                ws.append((b.and_(w, m15), b.lshr(w, sh4)))
+            s8 = e.halves_to_floats(scales.data, b.add(sbase[k], g), 8)
+            for u, (xl, xh, off8, d8) in enumerate(xs):
+                ii = []
+                for c, (wl, wh) in enumerate(ws):
+                    p = b.add(
+                        b.call(maddubs, [wl, xl[c]]), b.call(maddubs, [wh, xh[c]])
+                    )
+                    ii.append(b.call(maddwd, [p, ones]))
+                h = b.call(
+                    phadd,
+                    [b.call(phadd, [ii[0], ii[1]]), b.call(phadd, [ii[2], ii[3]])],
+                )
+                h = b.sub(b.shuffle_vector(h, ir.Constant(v8i32, None), order), off8)
+                acc = accs[k * nt + u]
+                m = b.fmul(s8, d8)
+                b.store(b.call(fma, [b.sitofp(h, v8f), m, b.load(acc)]), acc)
+    return [e.hsum(b.load(a), 8) for a in accs]
+
+
 def _emit_q4_vnni(e, nr, nt):
     """Chunks of 4 groups (128 weights, 64 packed bytes) with vpdpbusd."""
     b = e.b
@@ -394,5 +468,6 @@ def _make_q8(emit):
 _SHAPES = ((1, 1), (2, 1), (1, 4), (2, 4), (4, 1), (4, 2), (2, 2))
 Q4_AVX2 = _make_q4(_emit_q4_avx2)
 Q4_VNNI = _make_q4(_emit_q4_vnni)
+Q4_AVX2_G8 = _make_q4(_emit_q4_avx2_g8)
 Q8_AVX2 = _make_q8(_emit_q8_avx2)
 Q8_VNNI = _make_q8(_emit_q8_vnni)

@@ -11,7 +11,8 @@ sum round. Kernels (one per CPU path, see :mod:`mer_cli.kernels.cpu`):
 
 * ``generic``: float arithmetic on the integer values (exact: every partial sum
   is an integer below 2**24), two rows per step, LLVM-vectorized;
-* ``avx2``: :data:`~mer_cli.kernels.llvm_simd.Q4_AVX2`, 64 weights per step;
+* ``avx2``: :data:`~mer_cli.kernels.llvm_simd.Q4_AVX2_G8`, 256 weights per
+  step, then the 64-weight step and a scalar group for the columns left over;
 * ``vnni512``: :data:`~mer_cli.kernels.llvm_simd.Q4_VNNI`, 128 weights per step,
   the AVX2 step and a scalar group for the columns left over.
 
@@ -29,7 +30,7 @@ from numba import njit, prange
 
 from mer_cli.formats.quant import GROUP
 from mer_cli.kernels.config import JIT, PFAST, PJIT
-from mer_cli.kernels.llvm_simd import Q4_AVX2, Q4_VNNI
+from mer_cli.kernels.llvm_simd import Q4_AVX2, Q4_AVX2_G8, Q4_VNNI
 
 #: fp16 bit pattern -> float32 (the generic path's scale decoder; 256 KiB)
 HALF_TABLE = np.arange(65536, dtype=np.uint32).astype(np.uint16).view(np.float16)
@@ -146,6 +147,7 @@ def quantize_input(x: np.ndarray) -> QuantizedActivation:
 # intrinsics as module globals (numba resolves globals, not dict lookups)
 _A11, _A21, _A14, _A24 = (Q4_AVX2[k] for k in ((1, 1), (2, 1), (1, 4), (2, 4)))
 _V11, _V21, _V14, _V24 = (Q4_VNNI[k] for k in ((1, 1), (2, 1), (1, 4), (2, 4)))
+_W11, _W21, _W14, _W24 = (Q4_AVX2_G8[k] for k in ((1, 1), (2, 1), (1, 4), (2, 4)))
 
 
 @njit(**JIT)
@@ -195,44 +197,52 @@ def q4_generic(packed, scales, q, d, gsum, htab, out):
 def q4_avx2(packed, scales, lo, hi, corr, dl, q, d, gsum, htab, gblock, out):
     """AVX2 q4 kernel: ``out[T, R]``; see the module docstring.
 
-    Columns are taken ``gblock`` groups at a time (even) so that the
-    activations of all ``T`` tokens for one block stay in L2 while every row
-    meets them; ``gblock >= G`` is one pass.
+    Columns are taken ``gblock`` groups at a time (a multiple of 8) so that
+    the activations of all ``T`` tokens for one block stay in L2 while every
+    row meets them; ``gblock >= G`` is one pass. Groups past the last multiple
+    of 8 go through the 2-group step and the scalar step.
     """
     R = packed.shape[0]
     T = lo.shape[0]
     G = scales.shape[1]
+    G8 = G - G % 8
     out[:] = 0
-    for g0 in range(0, G - G % 2, gblock):
-        n = (min(g0 + gblock, G - G % 2) - g0) // 2  # chunks of 2 groups
+    for g0 in range(0, G8, gblock):
+        n = (min(g0 + gblock, G8) - g0) // 8  # chunks of 8 groups
         for rb in prange((R + 1) // 2):
             r = 2 * rb
             t = 0
             if r + 1 < R:
                 while t + 4 <= T:
-                    v = _A24(packed, scales, r, lo, hi, corr, dl, t, g0, n)
+                    v = _W24(packed, scales, r, lo, hi, gsum, d, t, g0, n)
                     for u in range(4):
                         out[t + u, r] += v[u]
                         out[t + u, r + 1] += v[4 + u]
                     t += 4
                 while t < T:
-                    v2 = _A21(packed, scales, r, lo, hi, corr, dl, t, g0, n)
+                    v2 = _W21(packed, scales, r, lo, hi, gsum, d, t, g0, n)
                     out[t, r] += v2[0]
                     out[t, r + 1] += v2[1]
                     t += 1
             else:
                 while t + 4 <= T:
-                    v4 = _A14(packed, scales, r, lo, hi, corr, dl, t, g0, n)
+                    v4 = _W14(packed, scales, r, lo, hi, gsum, d, t, g0, n)
                     for u in range(4):
                         out[t + u, r] += v4[u]
                     t += 4
                 while t < T:
-                    out[t, r] += _A11(packed, scales, r, lo, hi, corr, dl, t, g0, n)[0]
+                    out[t, r] += _W11(packed, scales, r, lo, hi, gsum, d, t, g0, n)[0]
                     t += 1
-    if G % 2:
+    if G > G8:
+        n2 = (G - G8) // 2
         for r in prange(R):
             for t in range(T):
-                out[t, r] += _q4_group(packed, scales, r, q, d, gsum, t, G - 1, htab)
+                acc = np.float32(0)
+                if n2:
+                    acc += _A11(packed, scales, r, lo, hi, corr, dl, t, G8, n2)[0]
+                if G % 2:
+                    acc += _q4_group(packed, scales, r, q, d, gsum, t, G - 1, htab)
+                out[t, r] += acc
 
 
 @njit(**PJIT)
