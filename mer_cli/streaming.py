@@ -44,8 +44,11 @@ from mer_cli.io.slabs import SlabPool
 from mer_cli.memory import check_budget
 from mer_cli.units import format_size
 
-# prefetch precision below which the number of prefetches in flight is cut
+# prefetch precision below which the number of prefetches in flight is cut,
+# and below which only every PROBE_EVERY-th hint is acted on (to re-measure)
 PRECISION_FLOOR = 0.5
+PRECISION_OFF = 0.15
+PROBE_EVERY = 8
 
 
 class StreamedExperts:
@@ -127,6 +130,7 @@ class StreamedExperts:
         self.pf_issued = self.pf_used = self.pf_late = 0
         self.pf_wasted = self.pf_cancelled = self.pf_failed = 0
         self._pf_precision = 1.0  # moving average of used (1) vs not (0)
+        self._pf_probe = 0
         self._old_switch = None
         if switch_interval is not None:
             self._old_switch = sys.getswitchinterval()
@@ -368,13 +372,18 @@ class StreamedExperts:
         ids = [int(e) for e in experts]
         if scores is not None:
             cache.set_predictions(layer, ids, scores)
-        if not self.prefetch_enabled:
-            return
+        if not self.prefetch_enabled or self.slots < 2:
+            return  # one slot: the fetch itself needs it, a prefetch only wastes
         self._drain()
         self._cancel_stale(layer, {layer * E + e for e in ids})
         limit = self.prefetch_depth
         if self._pf_precision < PRECISION_FLOOR:
             limit = max(1, int(limit * self._pf_precision / PRECISION_FLOOR))
+            if self._pf_precision < PRECISION_OFF:
+                # nearly every prefetch is wasted: only every Nth hint probes
+                self._pf_probe += 1
+                if self._pf_probe % PROBE_EVERY:
+                    return
         inflight = sum(1 for s in self._reqs if s in self._prefetched)
         for e in ids:
             if inflight >= limit:
