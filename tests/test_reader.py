@@ -304,3 +304,21 @@ def test_checksum_checked_by_the_reader(data_file):
         ):
             req.result(10)
     pool.close()
+
+
+def test_slabs_are_resident_from_the_start_and_do_not_grow():
+    from mer_cli.memory import rss_bytes
+
+    before = rss_bytes()
+    pool = SlabPool(4 << 20, 8)  # 32 MiB, faulted in now
+    grown = rss_bytes() - before
+    assert 28 << 20 < grown < 40 << 20, grown
+    pool.slabs[3][:] = 1  # writing into a slab allocates nothing new
+    assert rss_bytes() - before < 40 << 20
+    pool.close()
+    mid = rss_bytes()
+    lazy = SlabPool(4 << 20, 8, populate=False)  # pages come on first touch
+    assert rss_bytes() - mid < 4 << 20
+    lazy.slabs[0][:] = 1
+    assert rss_bytes() - mid >= 4 << 20
+    lazy.close()
