@@ -31,7 +31,7 @@ from numba.extending import intrinsic
 
 #: software-prefetch distance in bytes for the q4 weight stream (0: none).
 #: numba's on-disk cache does not see changes here: clear kernels/__pycache__.
-PREFETCH = 1024
+PREFETCH = 2048
 
 _i1 = ir.IntType(1)
 _i8 = ir.IntType(8)
