@@ -111,6 +111,27 @@ def check_budget(budget: int, extent_nbytes: int, where: str = "the store") -> i
     return slots
 
 
+def check_fits(
+    budget: int,
+    dense_nbytes: int,
+    available: int | None = None,
+    what: str = "the model",
+) -> None:
+    """Refuse a budget that cannot fit next to the dense weights in memory.
+
+    Raises ResourceError naming the budget, the dense size, what is available
+    and the largest budget that would fit.
+    """
+    avail = available_memory() if available is None else available
+    if budget + dense_nbytes > avail:
+        room = max(avail - dense_nbytes, 0)
+        raise ResourceError(
+            f"--ram-budget {format_size(budget)} plus the dense weights of {what} "
+            f"({format_size(dense_nbytes)}) exceed the available memory "
+            f"({format_size(avail)}); use --ram-budget {format_size(room)} or less"
+        )
+
+
 def _status(field: str) -> int:
     with open("/proc/self/status") as f:
         for line in f:

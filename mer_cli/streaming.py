@@ -258,6 +258,11 @@ class StreamedExperts:
         """
         E, cache = self.E, self.cache
         keys = [layer * E + int(e) for e in experts]
+        if not 0 <= layer < self.L or any(not 0 <= int(e) < E for e in experts):
+            raise ValueError(
+                f"fetch(layer {layer}, experts {list(experts)}): expected layer in "
+                f"0..{self.L - 1} and experts in 0..{E - 1}"
+            )
         if len(set(keys)) != len(keys):
             raise ValueError(f"fetch(layer {layer}): repeated expert ids {experts}")
         self.fetches += 1

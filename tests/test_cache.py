@@ -189,3 +189,11 @@ def test_exhaustive_helper_agrees_with_small_cases():
         optimal_hits(list(p), 2) >= simulate_lru(list(p), 2) * 4
         for p in itertools.permutations([1, 2, 3, 1])
     )
+
+
+def test_budget_must_fit_beside_dense_weights():
+    from mer_cli.memory import check_fits
+
+    check_fits(4 << 30, 1 << 30, available=8 << 30)
+    with pytest.raises(ResourceError, match=r"use --ram-budget 7\.0 GiB or less"):
+        check_fits(8 << 30, 1 << 30, available=8 << 30)

@@ -326,3 +326,55 @@ def test_stats_fields(store):
         st["prefetch_used"] + st["prefetch_wasted"] + st["prefetch_cancelled"]
         <= (st["prefetch_issued"])
     )
+
+
+def test_each_expert_is_yielded_as_soon_as_its_read_lands(store):
+    """Expert 0 is handed out while expert 1's read is still held back."""
+    slow = store.expert(0, 1)
+    release = threading.Event()
+    with StreamedExperts(store, 4 * store.extent_nbytes, chunk_size=PAGE) as src:
+        real = src.reader._preadv
+
+        def gated(fd, buf, off):
+            if slow.offset <= off < slow.offset + slow.nbytes:
+                release.wait(10)
+            return real(fd, buf, off)
+
+        src.reader._preadv = gated
+        gen = src.fetch(0, [1, 0])
+        first, _ = run_with_timeout(lambda: next(gen), 5)
+        assert first == 0 and not release.is_set()
+        release.set()
+        assert [e for e, _ in gen] == [1]
+        assert src.stats()["stall_seconds"] > 0
+
+
+def test_bad_ids_are_refused(store):
+    with StreamedExperts(store, 2 * store.extent_nbytes) as src:
+        with pytest.raises(ValueError, match="experts in 0..3"):
+            list(src.fetch(0, [4]))
+        with pytest.raises(ValueError, match="repeated"):
+            list(src.fetch(0, [1, 1]))
+
+
+def test_rss_stays_within_budget_plus_overhead(tmp_path):
+    """Streaming every expert twice grows RSS by the slots, not by the store."""
+    from mer_cli.memory import rss_bytes
+
+    global D, F
+    saved = D, F
+    D, F = 256, 1024  # ~300 KiB extents: the store is 12 x that
+    try:
+        st = make_store(tmp_path / "big", seed=3)
+    finally:
+        D, F = saved
+    budget = 2 * st.extent_nbytes
+    before = rss_bytes()
+    with StreamedExperts(st, budget, chunk_size=64 * 1024) as src:
+        for _ in range(2):
+            for la in range(L):
+                for _e, parts in src.fetch(la, list(range(E))):
+                    assert parts["gate_up"].packed.shape == (2048, 128)
+        grown = rss_bytes() - before
+        assert src.stats()["bytes_read"] == 2 * L * E * st.extent_nbytes
+    assert grown < budget + (4 << 20), grown
