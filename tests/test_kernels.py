@@ -15,6 +15,10 @@ Tolerances:
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import naive
 import numpy as np
 import pytest
@@ -250,6 +254,58 @@ def test_forcing_a_path_the_cpu_lacks_is_an_error(monkeypatch):
     monkeypatch.setenv(cpu.ENV, "vnni512")
     with pytest.raises(UnsupportedError, match="avx512"):
         K.linear(make_q("q4", np.ones((2, 128), np.float32)), np.ones(128))
+
+
+_VNNI_COMPILE = """
+import numpy as np
+from numba import typeof
+from mer_cli.kernels import q4, q8
+from mer_cli.kernels.q4 import QuantizedActivation
+T, C, R = 3, 4128, 5  # 129 groups: VNNI chunks, an AVX2 chunk and a scalar group
+z = np.zeros
+qa = QuantizedActivation(z((T, C), np.int8), z((T, C // 32), np.float32),
+    z((T, C // 32), np.int32), z((T, C // 2), np.int8), z((T, C // 2), np.int8),
+    z((T, C // 8), np.int32), z((T, C // 8), np.float32))
+s = z((R, C // 32), np.uint16)
+out = z((T, R), np.float32)
+a4 = (z((R, C // 2), np.uint8), s, qa.lo, qa.hi, qa.corr, qa.dl, qa.q, qa.d,
+      qa.gsum, q4.HALF_TABLE, 8, out)
+a8 = (z((R, C), np.int8), s, qa.q, qa.d, 8, out)
+for fn, args in ((q4.q4_vnni512, a4), (q8.q8_vnni512, a8)):
+    sig = tuple(typeof(a) for a in args)
+    fn.compile(sig)  # compile only: this CPU may not run it
+    print(fn.__name__, fn.inspect_asm(sig).count("vpdpbusd"))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not os.environ.get("MER_SLOW_TESTS"),
+    reason="compiles for another CPU in a subprocess (~20 s); set MER_SLOW_TESTS=1",
+)
+@pytest.mark.skipif(
+    "avx2" not in RUNNABLE, reason="needs an x86-64 host to cross-compile for"
+)
+def test_vnni_kernels_compile_for_an_avx512_cpu(tmp_path):
+    """Where VNNI cannot run, at least LLVM must select the VNNI code for a CPU
+    that has it (a bad intrinsic signature would abort at first use there)."""
+    env = dict(
+        os.environ,
+        NUMBA_CACHE_DIR=str(tmp_path),
+        NUMBA_CPU_NAME="icelake-server",
+        NUMBA_CPU_FEATURES="+avx512f,+avx512bw,+avx512vl,+avx512dq,+avx512cd,"
+        "+avx512vnni,+avx2,+avx,+fma,+f16c,+sse4.2,+popcnt,+bmi,+bmi2,+lzcnt",
+    )
+    res = subprocess.run(
+        [sys.executable, "-c", _VNNI_COMPILE],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    counts = dict(line.split() for line in res.stdout.split("\n") if line.strip())
+    assert int(counts["q4_vnni512"]) > 0 and int(counts["q8_vnni512"]) > 0
 
 
 def test_set_threads():
