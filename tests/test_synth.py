@@ -301,11 +301,11 @@ def test_gguf_q4_0_holds_the_same_model(tmp_path):
 def test_interrupted_write_leaves_nothing(tmp_path, monkeypatch):
     real, calls = synth.generate_tensor, []
 
-    def failing(spec, seed, dtype):
+    def failing(spec, *args):
         calls.append(spec.name)
         if len(calls) == 20:
             raise KeyboardInterrupt
-        return real(spec, seed, dtype)
+        return real(spec, *args)
 
     monkeypatch.setattr(synth, "generate_tensor", failing)
     with pytest.raises(KeyboardInterrupt):
