@@ -82,19 +82,19 @@ def test_greedy_is_argmax_and_filters_reduce_to_it():
 
 def test_sampling_follows_the_filtered_distribution():
     logits = np.log(np.array([0.5, 0.25, 0.15, 0.1], np.float32))
-    n = 20000
+    n = 6000
     s = Sampler(SamplingOptions(temperature=1.0, seed=7))
     counts = np.bincount([s(logits) for _ in range(n)], minlength=4) / n
-    np.testing.assert_allclose(counts, [0.5, 0.25, 0.15, 0.1], atol=0.015)
+    np.testing.assert_allclose(counts, [0.5, 0.25, 0.15, 0.1], atol=0.03)
     # top-p 0.7: the smallest prefix reaching 0.7 is {0, 1}, renormalized
     s = Sampler(SamplingOptions(temperature=1.0, top_p=0.7, seed=7))
     counts = np.bincount([s(logits) for _ in range(n)], minlength=4) / n
-    np.testing.assert_allclose(counts, [2 / 3, 1 / 3, 0, 0], atol=0.015)
+    np.testing.assert_allclose(counts, [2 / 3, 1 / 3, 0, 0], atol=0.03)
     # top-k 3, temperature 0.5 squares the probabilities
     s = Sampler(SamplingOptions(temperature=0.5, top_k=3, seed=7))
     counts = np.bincount([s(logits) for _ in range(n)], minlength=4) / n
     p = np.array([0.25, 0.0625, 0.0225, 0])
-    np.testing.assert_allclose(counts, p / p.sum(), atol=0.015)
+    np.testing.assert_allclose(counts, p / p.sum(), atol=0.03)
 
 
 def test_same_seed_same_draws():
@@ -353,7 +353,7 @@ def test_shell_pipe_to_head(store, many_prompts):
 def test_ctrl_c_flushes_and_exits_130(store, many_prompts):
     p = _mer(
         "generate", "--model", str(store), "--prompts-file", str(many_prompts),
-        "--max-tokens", "200", "--json",
+        "--max-tokens", "60", "--json",
     )  # fmt: skip
     first = p.stdout.readline()
     time.sleep(0.2)

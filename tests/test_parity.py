@@ -217,7 +217,7 @@ def test_quantized_logits_stay_within_bound_of_f32(stores, name, experts):
     """
     ref = load_reference(FIXTURES[NAMES.index(name)])
     f32_store = stores(name, "f32")
-    f32_logits, f32_eng = run(f32_store, ref)
+    f32_logits, f32_eng = run(f32_store, ref)  # feeds transformers' greedy tokens
     L = f32_eng.cfg.num_layers
     seq = [ids[i].astype(np.int64) for _, ids, _ in f32_eng.routing for i in range(L)]
     store = stores(name, experts)
