@@ -368,13 +368,19 @@ class StreamedExperts:
         """Start reading ``layer``'s ``experts`` (best first) into spare slots.
 
         ``scores`` (probabilities of use) also feed the cache's predictor signal.
-        Never evicts an expert worth more than the one it would bring, never
-        touches slots in use, and queues behind every demand read.
+        Never evicts an expert worth more than the one it would bring (without
+        ``scores`` an unseen expert is worth little, so mostly empty slots are
+        used), never touches slots in use, and queues behind every demand read.
+        A hint for a layer past the last is ignored.
         """
         if not 0 <= layer < self.L:
             return
         E, cache = self.E, self.cache
         ids = [int(e) for e in experts]
+        if any(not 0 <= e < E for e in ids):
+            raise ValueError(
+                f"prefetch(layer {layer}): experts {ids} not in 0..{E - 1}"
+            )
         if scores is not None:
             cache.set_predictions(layer, ids, scores)
         if not self.prefetch_enabled or self.slots < 2:
