@@ -10,9 +10,24 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import njit, prange
+from numba import njit, prange, types
+from numba.extending import overload
 
 from mer_cli.kernels.config import FAST, PFAST
+from mer_cli.kernels.q4 import HALF_TABLE
+
+
+def _widen(v, htab):
+    """A cache element as float32: f32 as is, fp16 bits (uint16) via ``htab``."""
+    raise NotImplementedError  # only called from numba code (see the overload)
+
+
+@overload(_widen)
+def _widen_impl(v, htab):
+    if isinstance(v, types.Float):
+        return lambda v, htab: np.float32(v)
+    return lambda v, htab: htab[v]
+
 
 # ----------------------------------------------------------------------------- rms_norm
 
@@ -92,7 +107,7 @@ def rope(x: np.ndarray, positions: np.ndarray, theta: float) -> np.ndarray:
 
 
 @njit(**PFAST)
-def _attention(q, k, v, start, window, out):
+def _attention(q, k, v, start, window, htab, out):
     T, H, hd = q.shape
     KV = k.shape[1]
     rep = H // KV
@@ -111,7 +126,7 @@ def _attention(q, k, v, start, window, out):
         for j in range(n):
             acc = np.float32(0)
             for i in range(hd):
-                acc += q[t, h, i] * k[lo + j, kh, i]
+                acc += q[t, h, i] * _widen(k[lo + j, kh, i], htab)
             acc = acc / scale
             s[j] = acc
             if acc > m:
@@ -126,7 +141,13 @@ def _attention(q, k, v, start, window, out):
         for j in range(n):
             pj = s[j] / tot
             for i in range(hd):
-                out[t, h, i] += pj * v[lo + j, kh, i]
+                out[t, h, i] += pj * _widen(v[lo + j, kh, i], htab)
+
+
+def _cache_view(c: np.ndarray) -> np.ndarray:
+    if c.dtype == np.float16:
+        return np.ascontiguousarray(c).view(np.uint16)
+    return np.ascontiguousarray(c, np.float32)
 
 
 def attention(
@@ -142,7 +163,8 @@ def attention(
     ----------
     q : float32 ``[T, H, hd]`` for positions ``start .. start+T-1``.
     k_cache, v_cache : ``[S, KV, hd]`` (``S >= start+T``; rows past that are
-        ignored). float32 is read in place; other dtypes are widened first.
+        ignored). float32 and float16 are read in place; other dtypes are
+        widened to float32 first.
     start : position of ``q[0]``.
     window : a query at position ``p`` sees keys at positions ``> p - window``;
         ``None`` for no window.
@@ -154,14 +176,14 @@ def attention(
     q = np.ascontiguousarray(q, np.float32)
     T, H, hd = q.shape
     S = start + T
-    k = np.ascontiguousarray(k_cache[:S], np.float32)
-    v = np.ascontiguousarray(v_cache[:S], np.float32)
+    k, v = _cache_view(k_cache[:S]), _cache_view(v_cache[:S])
     if H % k.shape[1]:
         raise ValueError(f"{H} query heads is not a multiple of {k.shape[1]} kv heads")
     if k.shape[0] < S or v.shape[0] < S:
         raise ValueError(f"KV cache holds {k.shape[0]} positions, need {S}")
     out = np.empty((T, H, hd), np.float32)
-    _attention(q, k, v, int(start), 0 if window is None else int(window), out)
+    w = 0 if window is None else int(window)
+    _attention(q, k, v, int(start), w, HALF_TABLE, out)
     return out
 
 

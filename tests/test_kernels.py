@@ -353,6 +353,10 @@ def test_attention_gqa_causal_window(T, start, window):
     got = K.attention(q, k, v, start, window)
     ref = naive.attention(q, k, v, start, window)
     np.testing.assert_allclose(got, ref, rtol=RTOL, atol=1e-5)
+    k16, v16 = readonly(k.astype(np.float16)), readonly(v.astype(np.float16))
+    got16 = K.attention(q, k16, v16, start, window)  # fp16 cache read in place
+    ref16 = naive.attention(q, k16, v16, start, window)
+    np.testing.assert_allclose(got16, ref16, rtol=RTOL, atol=1e-5)
 
 
 def test_attention_rejects_short_cache():
