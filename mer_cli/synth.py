@@ -45,9 +45,9 @@ from mer_cli.formats.quant import f32_to_bf16
 from mer_cli.formats.safetensors import SafetensorsWriter
 from mer_cli.models.config import ModelConfig, from_hf_config
 
-TRANSFORMERS_VERSION = (
-    "4.51.0"  # the style config.json follows (torch_dtype, rope_theta)
-)
+# config.json is byte for byte what transformers 4.51.3 saves (torch_dtype and a
+# top-level rope_theta, as on the Hub); transformers 5 loads it too
+TRANSFORMERS_VERSION = "4.51.3"
 DEFAULT_SHARD_SIZE = 5 * 1000**3  # transformers' default max_shard_size "5GB"
 CHUNK = 1 << 22  # elements generated per step: 16 MiB of float32
 NORM_NOISE = 0.1
@@ -139,7 +139,6 @@ class Preset:
 def _mixtral(**kw: Any) -> dict[str, Any]:
     cfg = dict(
         attention_dropout=0.0,
-        head_dim=None,
         hidden_act="silu",
         initializer_range=0.02,
         output_router_logits=False,
@@ -164,7 +163,9 @@ def _qwen2_moe(**kw: Any) -> dict[str, Any]:
         mlp_only_layers=[],
         norm_topk_prob=False,
         output_router_logits=False,
+        qkv_bias=True,
         rms_norm_eps=1e-6,
+        rope_scaling=None,
         rope_theta=1e6,
         router_aux_loss_coef=0.001,
         sliding_window=None,
@@ -177,7 +178,8 @@ def _qwen2_moe(**kw: Any) -> dict[str, Any]:
 
 
 def _qwen3_moe(**kw: Any) -> dict[str, Any]:
-    cfg = _qwen2_moe(attention_bias=False, rope_scaling=None, norm_topk_prob=True)
+    cfg = _qwen2_moe(attention_bias=False, norm_topk_prob=True)
+    del cfg["qkv_bias"]
     cfg.update(kw)
     return cfg
 
@@ -382,17 +384,20 @@ def hf_config(
         cfg["num_hidden_layers"] = layers
         if "max_window_layers" in cfg:
             cfg["max_window_layers"] = layers
+    if p.model_type == "mixtral":  # MixtralConfig writes the head_dim it derives
+        cfg.setdefault("head_dim", cfg["hidden_size"] // cfg["num_attention_heads"])
     t = p.tokens
     cfg.update(
         architectures=[ARCHITECTURES[p.model_type]],
         model_type=p.model_type,
         torch_dtype=DTYPES[dtype][1],
         transformers_version=TRANSFORMERS_VERSION,
-        bos_token_id=t.id(t.bos),
         eos_token_id=t.id(t.eos),
     )
-    if t.pad is not None:
-        cfg["pad_token_id"] = t.id(t.pad)
+    # like transformers, leave out token ids that are None (the base default)
+    for key, token in (("bos_token_id", t.bos), ("pad_token_id", t.pad)):
+        if token is not None:
+            cfg[key] = t.id(token)
     return dict(sorted(cfg.items()))
 
 
@@ -660,10 +665,10 @@ def _write_tokenizer(preset: Preset, p: Plan, d: Path) -> None:
     )
     tcfg["add_bos_token"] = t.add_bos
     _write_json(d / "tokenizer_config.json", tcfg)
-    gen = {"_from_model_config": True, "bos_token_id": p.config["bos_token_id"]}
-    gen["eos_token_id"] = p.config["eos_token_id"]
-    if "pad_token_id" in p.config:
-        gen["pad_token_id"] = p.config["pad_token_id"]
+    gen: dict[str, Any] = {"_from_model_config": True}
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        if key in p.config:
+            gen[key] = p.config[key]
     gen["transformers_version"] = TRANSFORMERS_VERSION
     _write_json(d / "generation_config.json", gen)
     _write_json(d / "config.json", p.config)
