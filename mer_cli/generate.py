@@ -106,6 +106,7 @@ class Completion:
         self.engine, self.tok, self.options = engine, tokenizer, options
         self.result = GenerateResult(prompt=prompt)
         self.tokens: list[int] = []  # generated ids (EOS excluded)
+        self.started = False  # the prompt was accepted and generation began
 
     def __iter__(self) -> Iterator[str]:
         o, eng, tok, res = self.options, self.engine, self.tok, self.result
@@ -114,6 +115,10 @@ class Completion:
         if o.chat:
             text = tok.apply_chat_template([{"role": "user", "content": res.prompt}])
         ids = tok.encode(text)
+        if not ids:
+            raise UsageError(
+                "the prompt is empty (no tokens after tokenization); give some text"
+            )
         res.prompt_tokens = len(ids)
         eng.reset()
         eng.cache.check_room(len(ids))
@@ -122,6 +127,7 @@ class Completion:
         stops = _StopMatcher(o.stop)
         dec = tok.decoder(ids)
         ttft = None
+        self.started = True
         try:
             if o.max_tokens == 0:
                 res.finish_reason = FINISH_LENGTH

@@ -137,16 +137,21 @@ def command(
                         out.write(piece)
                         out.flush()
             finally:
-                # also on Ctrl-C: what was generated so far goes out
-                if as_json:
-                    out.write(json.dumps(c.result.as_dict(), ensure_ascii=False) + "\n")
-                else:
-                    out.write("\n")
-                out.flush()
-                if stats:
-                    _print_stats(c.result)
+                if c.started:  # also on Ctrl-C: what was generated so far goes out
+                    _finish(c.result, as_json, stats)
     finally:
         engine.close()
+
+
+def _finish(result, as_json: bool, stats: bool) -> None:
+    """End one prompt's output: its JSON line, or the newline after the text."""
+    if as_json:
+        sys.stdout.write(json.dumps(result.as_dict(), ensure_ascii=False) + "\n")
+    else:
+        sys.stdout.write("\n")
+    sys.stdout.flush()
+    if stats:
+        _print_stats(result)
 
 
 def _print_stats(result) -> None:
