@@ -209,6 +209,11 @@ def q4_avx2(packed, scales, lo, hi, corr, dl, q, d, gsum, htab, gblock, out):
     out[:] = 0
     for g0 in range(0, G8, gblock):
         n = (min(g0 + gblock, G8) - g0) // 8  # chunks of 8 groups
+        if T < 4:  # decode: one row per step streams best from DRAM (measured)
+            for r in prange(R):
+                for t in range(T):
+                    out[t, r] += _W11(packed, scales, r, lo, hi, gsum, d, t, g0, n)[0]
+            continue
         for rb in prange((R + 1) // 2):
             r = 2 * rb
             t = 0
