@@ -251,7 +251,7 @@ def test_cli_json_shape(store, tmp_path):
 
 def test_cli_text_stdin_seed_and_stats(store):
     args = ["generate", "--model", str(store), "--prompt", "-", "--max-tokens", "12"]
-    a = run_cli(*args, "--temperature", "0.9", "--seed", "3", "--stats", input="Hi")
+    a = run_cli(*args, "--temperature", "0.9", "--seed", "3", "--stats", input="Hi\n")
     b = run_cli(*args, "--temperature", "0.9", "--seed", "3", input="Hi")
     assert a.exit_code == 0 and b.exit_code == 0
     assert a.stdout == b.stdout and a.stdout.endswith("\n")

@@ -15,7 +15,11 @@ import click
     metavar="STORE",
     help="Store made by mer quantize (required for now; a built-in model comes later).",
 )
-@click.option("--prompt", metavar="TEXT", help="Prompt text; '-' reads it from stdin.")
+@click.option(
+    "--prompt",
+    metavar="TEXT",
+    help="Prompt text; '-' reads it from stdin (minus one final newline).",
+)
 @click.option(
     "--prompts-file",
     type=click.Path(dir_okay=False),
@@ -113,6 +117,7 @@ def command(
         raise click.UsageError("give exactly one of --prompt TEXT and --prompts-file")
     if prompt == "-":
         prompt = sys.stdin.read()
+        prompt = prompt[:-1] if prompt.endswith("\n") else prompt  # echo's newline
     prompts = [prompt] if prompt is not None else read_prompts(prompts_file)
     options = GenerateOptions(
         max_tokens=max_tokens,
