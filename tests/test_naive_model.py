@@ -122,3 +122,23 @@ def test_clip_qkv_and_norm_topk_prob_take_effect(tiny, tmp_path):
     )
     w = np.stack(normed.run(IDS).routing_weights)
     np.testing.assert_allclose(w.sum(-1), 1.0, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "name", ["tiny-mixtral", "tiny-qwen2-moe", "tiny-qwen3-moe", "tiny-olmoe"]
+)
+def test_synth_checkpoints_match_transformers(tiny, name):
+    """Where torch and transformers are installed (dev extra): transformers loads
+    the synthetic checkpoint (per-expert names, tied embeddings) and computes
+    what the reference computes."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        tiny[name], dtype=torch.float32, attn_implementation="eager"
+    ).eval()
+    with torch.no_grad():
+        out = model(torch.tensor(IDS)[None], output_router_logits=True)
+    ref = NaiveModel(tiny[name]).run(IDS)
+    assert rel_err(ref.logits, out.logits[0].numpy()) < 1e-5
+    for mine, theirs in zip(ref.router_logits, out.router_logits):
+        assert rel_err(mine, theirs.reshape(len(IDS), -1).numpy()) < 1e-5
