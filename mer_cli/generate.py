@@ -74,13 +74,19 @@ def load(
     threads: int | None = None,
     source: Any = None,
 ):
-    """Open a store and build its :class:`Engine` and :class:`Tokenizer`."""
+    """Open a store and build its :class:`Engine` and :class:`Tokenizer`.
+
+    ``source`` is an :class:`~mer_cli.experts.ExpertSource`, or a callable that
+    makes one from the opened :class:`Store`; default: all experts in RAM.
+    """
     from mer_cli.formats.store import Store
     from mer_cli.runtime import Engine
     from mer_cli.text import Tokenizer
 
     store = Store.open(model)
     tok = Tokenizer.from_store(store)
+    if callable(source):
+        source = source(store)
     engine = Engine(store, source, ctx=ctx, kv_dtype=kv_dtype, threads=threads)
     return engine, tok
 

@@ -46,6 +46,7 @@ ARCHITECTURES: dict[str, type[Architecture]] = {
 }
 
 DEFAULT_CTX = 4096
+PREFILL_CHUNK = 2048  # most prompt tokens in one batched forward pass
 
 # (layer, hidden [T, D] entering the MoE block, ids [T, K], weights [T, K])
 RouteHook = Callable[[int, np.ndarray, np.ndarray, np.ndarray], None]
@@ -148,6 +149,7 @@ class Engine:
         self.route_hook = route_hook
         self.routing: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
         self.timing = Timing(layer_moe_s=[0.0] * cfg.num_layers)
+        self.prefill_chunk = PREFILL_CHUNK
 
     # ------------------------------------------------------------------ weights
 
@@ -208,14 +210,24 @@ class Engine:
     def prefill(self, ids: Sequence[int], all_logits: bool = False) -> np.ndarray:
         """Run the prompt ``ids`` as one batch after what the cache holds.
 
+        Prompts longer than ``prefill_chunk`` run as consecutive batches of that
+        many tokens (bounded activation memory; each chunk still loads every
+        expert it needs once per layer).
+
         Returns f32 logits ``[V]`` of the last position, or ``[T, V]`` of every
         position with ``all_logits``.
         """
         ids = np.asarray(ids, np.int64).reshape(-1)
         if ids.size == 0:
             raise UsageError("the prompt is empty after tokenization; give some text")
+        self.cache.check_room(ids.size)
         t0 = time.perf_counter()
-        logits = self.forward(ids, all_logits=all_logits)
+        n = self.prefill_chunk
+        parts = [
+            self.forward(ids[i : i + n], all_logits=all_logits)
+            for i in range(0, ids.size, n)
+        ]
+        logits = np.concatenate(parts) if all_logits else parts[-1]
         dt = time.perf_counter() - t0
         if ids.size > 1:
             self.timing.prefill_tokens += ids.size

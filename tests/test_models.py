@@ -105,6 +105,10 @@ def test_prefill_equals_token_by_token(tmp_path, experts, dense):
     steps = [eng.decode_step(int(t)) for t in prompt]
     assert rel_err(np.array(steps), batch) < 1e-5
     assert eng.timing.decode_tokens == N_PROMPT and eng.pos == N_PROMPT
+    chunked = Engine(store)
+    chunked.prefill_chunk = 5  # batches of 5, 5, 5 and 1 tokens
+    assert rel_err(chunked.prefill(prompt, all_logits=True), batch) < 1e-5
+    assert chunked.timing.prefill_tokens == N_PROMPT
 
 
 class RecordingSource:
