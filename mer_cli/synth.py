@@ -2,11 +2,12 @@
 
 A preset names an architecture and its shapes (tiny ones for tests, real ones such
 as ``mixtral-8x7b`` for I/O benchmarks). :func:`write_checkpoint` writes a
-directory that transformers and ``mer quantize`` both load: ``config.json`` as
-transformers 4.5x writes it, sharded ``model-0000i-of-0000N.safetensors`` with
+directory that transformers and ``mer quantize`` both load: ``config.json`` and
+``generation_config.json`` byte for byte as transformers 4.51.3 saves them, sharded ``model-0000i-of-0000N.safetensors`` with
 ``model.safetensors.index.json`` (per-expert tensor names, as transformers saves
-MoE checkpoints), a real byte-level BPE ``tokenizer.json``,
-``tokenizer_config.json`` and ``generation_config.json``.
+MoE checkpoints), a real byte-level BPE ``tokenizer.json`` (see
+:mod:`mer_cli.tokenizer_build`; smaller than ``vocab_size``) and
+``tokenizer_config.json`` with a chat template.
 
 Weights (shapes legend: D model, F expert FFN, E experts, V vocabulary):
 
