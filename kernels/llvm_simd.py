@@ -201,9 +201,10 @@ def _emit_q4_avx2(e, nr, nt):
 
 
 def _emit_q4_avx2_g8(e, nr, nt):
-    """Chunks of 8 groups (256 weights, 128 packed bytes) with vpmaddubsw/vpmaddwd,
-    then ``vphaddd`` folds the four int32 vectors into one lane per group so the
-    float work (offset, convert, scale, FMA) is done once per 8 groups.
+    """Chunks of 8 groups (256 weights, 128 packed bytes) with vpmaddubsw, then
+    ``vphaddw`` twice and ``vpmaddwd`` fold the four int16 vectors into one int32
+    lane per group, so the float work (offset, convert, scale, FMA) is done once
+    per 8 groups.
 
     Signature: (packed, scales, r0, lo, hi, gsum, d, t0, g0, nchunk) -- the
     offset uses ``gsum`` and the scale ``d`` per group, not ``corr``/``dl``.
@@ -228,7 +229,7 @@ def _emit_q4_avx2_g8(e, nr, nt):
     )
     maddubs = e.fn("llvm.x86.avx2.pmadd.ub.sw", v16i16, [v32i8, v32i8])
     maddwd = e.fn("llvm.x86.avx2.pmadd.wd", v8i32, [v16i16, v16i16])
-    phadd = e.fn("llvm.x86.avx2.phadd.d", v8i32, [v8i32, v8i32])
+    phaddw = e.fn("llvm.x86.avx2.phadd.w", v16i16, [v16i16, v16i16])
     fma = e.fn("llvm.fma.v8f32", v8f, [v8f, v8f, v8f])
     m15 = ir.Constant(v32i8, [15] * 32)
     sh4 = ir.Constant(v32i8, [4] * 32)
@@ -257,16 +258,15 @@ def _emit_q4_avx2_g8(e, nr, nt):
                 ws.append((b.and_(w, m15), b.lshr(w, sh4)))
             s8 = e.halves_to_floats(scales.data, b.add(sbase[k], g), 8)
             for u, (xl, xh, off8, d8) in enumerate(xs):
-                ii = []
-                for c, (wl, wh) in enumerate(ws):
-                    p = b.add(
-                        b.call(maddubs, [wl, xl[c]]), b.call(maddubs, [wh, xh[c]])
-                    )
-                    ii.append(b.call(maddwd, [p, ones]))
-                h = b.call(
-                    phadd,
-                    [b.call(phadd, [ii[0], ii[1]]), b.call(phadd, [ii[2], ii[3]])],
-                )
+                # int16 lanes of 4 products each: |.| <= 4 * 15 * 127 = 7620
+                ps = [
+                    b.add(b.call(maddubs, [wl, xl[c]]), b.call(maddubs, [wh, xh[c]]))
+                    for c, (wl, wh) in enumerate(ws)
+                ]
+                # two rounds of int16 pair sums stay below 4 * 7620 = 30480 < 2**15
+                h01 = b.call(phaddw, [ps[0], ps[1]])
+                h23 = b.call(phaddw, [ps[2], ps[3]])
+                h = b.call(maddwd, [b.call(phaddw, [h01, h23]), ones])  # 1 lane/group
                 h = b.sub(b.shuffle_vector(h, ir.Constant(v8i32, None), order), off8)
                 acc = accs[k * nt + u]
                 m = b.fmul(s8, d8)
