@@ -32,7 +32,7 @@ import numpy as np
 from mer_cli.formats.quant import QTensor, bf16_to_f32
 from mer_cli.kernels import q4 as _q4
 from mer_cli.kernels import q8 as _q8
-from mer_cli.kernels.config import get_threads, set_threads
+from mer_cli.kernels.config import frozen, get_threads, set_threads
 from mer_cli.kernels.cpu import best_path, check_path, supported_paths
 from mer_cli.kernels.ops import attention, rms_norm, rope, silu_mul, softmax, topk
 from mer_cli.kernels.q4 import QuantizedActivation, quantize_input
@@ -80,8 +80,8 @@ def _group_block(dtype: str, T: int, G: int, multiple: int) -> int:
 
 
 def _run_quantized(w: QTensor, qa: QuantizedActivation, out: np.ndarray, path: str):
-    packed = np.ascontiguousarray(w.packed)
-    scales = np.ascontiguousarray(w.scales).view(np.uint16)
+    packed = frozen(w.packed)
+    scales = frozen(w.scales).view(np.uint16)
     T, G = qa.d.shape
     if w.dtype == "q4":
         if path == "generic":

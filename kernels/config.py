@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 
 import numba
+import numpy as np
 
 #: fastmath flags that keep inf/nan semantics (``-inf`` masks in attention).
 FASTMATH = {"contract", "reassoc", "nsz", "arcp"}
@@ -22,6 +23,18 @@ JIT = {"nogil": True, "cache": True}
 PJIT = {"nogil": True, "cache": True, "parallel": True}
 FAST = {**JIT, "fastmath": FASTMATH}
 PFAST = {**PJIT, "fastmath": FASTMATH}
+
+
+def frozen(a: np.ndarray, dtype=None) -> np.ndarray:
+    """C-contiguous read-only view (or copy, if needed) of ``a``.
+
+    Numba compiles a separate specialization for read-only and writeable
+    arrays; passing every input read-only compiles each kernel once whether
+    its weights come from a memmap, a slab or a test array.
+    """
+    v = np.ascontiguousarray(a, dtype=dtype).view()
+    v.flags.writeable = False
+    return v
 
 
 def set_threads(n: int | None = None) -> int:

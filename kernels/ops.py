@@ -13,7 +13,7 @@ import numpy as np
 from numba import njit, prange, types
 from numba.extending import overload
 
-from mer_cli.kernels.config import FAST, PFAST
+from mer_cli.kernels.config import FAST, PFAST, frozen
 from mer_cli.kernels.q4 import HALF_TABLE
 
 
@@ -56,9 +56,9 @@ def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
     float32 ``[..., N]``
     """
     x = np.asarray(x, np.float32)
-    x2 = np.ascontiguousarray(x.reshape(-1, x.shape[-1]))
-    out = np.empty_like(x2)
-    _rms_norm(x2, np.ascontiguousarray(weight, np.float32), np.float32(eps), out)
+    x2 = frozen(x.reshape(-1, x.shape[-1]))
+    out = np.empty(x2.shape, np.float32)
+    _rms_norm(x2, frozen(weight, np.float32), np.float32(eps), out)
     return out.reshape(x.shape)
 
 
@@ -96,9 +96,9 @@ def rope(x: np.ndarray, positions: np.ndarray, theta: float) -> np.ndarray:
     -------
     float32 ``[T, nh, hd]``; angles are computed in float64 as the twin does.
     """
-    x = np.ascontiguousarray(x, np.float32)
-    pos = np.ascontiguousarray(positions, np.int64).reshape(-1)
-    out = np.empty_like(x)
+    x = frozen(x, np.float32)
+    pos = frozen(np.asarray(positions, np.int64).reshape(-1))
+    out = np.empty(x.shape, np.float32)
     _rope(x, pos, np.float64(theta), out)
     return out
 
@@ -146,8 +146,8 @@ def _attention(q, k, v, start, window, htab, out):
 
 def _cache_view(c: np.ndarray) -> np.ndarray:
     if c.dtype == np.float16:
-        return np.ascontiguousarray(c).view(np.uint16)
-    return np.ascontiguousarray(c, np.float32)
+        return frozen(c).view(np.uint16)
+    return frozen(c, np.float32)
 
 
 def attention(
@@ -173,7 +173,7 @@ def attention(
     -------
     float32 ``[T, H, hd]``
     """
-    q = np.ascontiguousarray(q, np.float32)
+    q = frozen(q, np.float32)
     T, H, hd = q.shape
     S = start + T
     k, v = _cache_view(k_cache[:S]), _cache_view(v_cache[:S])
@@ -203,7 +203,7 @@ def silu_mul(gate_up: np.ndarray) -> np.ndarray:
     """``silu(gate) * up`` for ``gate_up = [gate | up]`` ``[..., 2F]`` -> ``[..., F]``."""
     gu = np.asarray(gate_up, np.float32)
     F = gu.shape[-1] // 2
-    g2 = np.ascontiguousarray(gu.reshape(-1, 2 * F))
+    g2 = frozen(gu.reshape(-1, 2 * F))
     out = np.empty((g2.shape[0], F), np.float32)
     with np.errstate(over="ignore"):
         _silu_mul(g2, out)
@@ -230,8 +230,8 @@ def _softmax(x, out):
 def softmax(x: np.ndarray) -> np.ndarray:
     """Softmax over the last axis: float32 of ``x``'s shape."""
     x = np.asarray(x, np.float32)
-    x2 = np.ascontiguousarray(x.reshape(-1, x.shape[-1]))
-    out = np.empty_like(x2)
+    x2 = frozen(x.reshape(-1, x.shape[-1]))
+    out = np.empty(x2.shape, np.float32)
     _softmax(x2, out)
     return out.reshape(x.shape)
 
@@ -267,7 +267,7 @@ def topk(x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     N = x.shape[-1]
     if not 0 < k <= N:
         raise ValueError(f"top-k with k={k} over {N} values")
-    x2 = np.ascontiguousarray(x.reshape(-1, N))
+    x2 = frozen(x.reshape(-1, N))
     idx = np.empty((x2.shape[0], k), np.int64)
     val = np.empty((x2.shape[0], k), x.dtype)
     _topk(x2, k, idx, val)

@@ -29,7 +29,7 @@ import numpy as np
 from numba import njit, prange
 
 from mer_cli.formats.quant import GROUP
-from mer_cli.kernels.config import JIT, PFAST, PJIT
+from mer_cli.kernels.config import JIT, PFAST, PJIT, frozen
 from mer_cli.kernels.llvm_simd import Q4_AVX2, Q4_AVX2_G8, Q4_VNNI
 
 #: fp16 bit pattern -> float32 (the generic path's scale decoder; 256 KiB)
@@ -123,7 +123,7 @@ def quantize_input(x: np.ndarray) -> QuantizedActivation:
     QuantizedActivation
     """
     vector = np.ndim(x) == 1
-    x = np.ascontiguousarray(np.atleast_2d(x), dtype=np.float32)
+    x = frozen(np.atleast_2d(x), np.float32)
     T, C = x.shape
     if C % GROUP:
         raise ValueError(f"activation has {C} columns, not a multiple of {GROUP}")
