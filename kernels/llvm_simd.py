@@ -29,9 +29,12 @@ from llvmlite import ir
 from numba.core import cgutils, types
 from numba.extending import intrinsic
 
-#: software-prefetch distance in bytes for the q4 weight stream (0: none).
-#: numba's on-disk cache does not see changes here: clear kernels/__pycache__.
-PREFETCH = 2048
+#: software-prefetch distance in bytes for the q4 weight stream (0: none):
+#: AVX2 measured best at 2048 on the AMD dev machine (0-4096 tried); VNNI keeps
+#: the calibration's 1024. numba's on-disk cache does not see changes here:
+#: clear kernels/__pycache__ after editing.
+PREFETCH_AVX2 = 2048
+PREFETCH_VNNI = 1024
 
 _i1 = ir.IntType(1)
 _i8 = ir.IntType(8)
@@ -85,20 +88,20 @@ class _Emitter:
         )
         return self.b.shuffle_vector(v, ir.Constant(v.type, None), mask)
 
-    def prefetcher(self):
-        """``pf(ptr, idx)``: prefetch ``PREFETCH`` bytes past ``ptr[idx]`` (no-op if 0).
+    def prefetcher(self, distance):
+        """``pf(ptr, idx)``: prefetch ``distance`` bytes past ``ptr[idx]`` (no-op if 0).
 
         The weight stream is read once; a software prefetch a few hundred bytes
         ahead keeps more DRAM requests in flight than the rows' hardware
         prefetchers do on their own.
         """
-        if PREFETCH <= 0:
+        if distance <= 0:
             return lambda ptr, idx: None
         i8p = _i8.as_pointer()
         fn = self.fn("llvm.prefetch.p0i8", ir.VoidType(), [i8p, _i32, _i32, _i32])
 
         def pf(ptr, idx):
-            p = self.b.gep(ptr, [self.b.add(idx, self.const(PREFETCH))])
+            p = self.b.gep(ptr, [self.b.add(idx, self.const(distance))])
             args = [ir.Constant(_i32, 0), ir.Constant(_i32, 3), ir.Constant(_i32, 1)]
             self.b.call(fn, [self.b.bitcast(p, i8p), *args])
 
@@ -156,7 +159,7 @@ def _emit_q4_avx2(e, nr, nt):
     """Chunks of 2 groups (64 weights, 32 packed bytes) with vpmaddubsw/vpmaddwd."""
     b = e.b
     o = _q4_body(e, nr, nt, 8)
-    pf = e.prefetcher()
+    pf = e.prefetcher(PREFETCH_AVX2)
     v32i8, v16i16, v8i32, v8f = (
         _vec(_i8, 32),
         _vec(_i16, 16),
@@ -220,7 +223,7 @@ def _emit_q4_avx2_g8(e, nr, nt):
     xbase = [b.mul(b.add(t0, e.const(u)), half) for u in range(nt)]
     gbase = [b.mul(b.add(t0, e.const(u)), ngr) for u in range(nt)]
     accs = e.accumulators(nr * nt, 8)
-    pf = e.prefetcher()
+    pf = e.prefetcher(PREFETCH_AVX2)
     v32i8, v16i16, v8i32, v8f = (
         _vec(_i8, 32),
         _vec(_i16, 16),
@@ -278,7 +281,7 @@ def _emit_q4_vnni(e, nr, nt):
     """Chunks of 4 groups (128 weights, 64 packed bytes) with vpdpbusd."""
     b = e.b
     o = _q4_body(e, nr, nt, 16)
-    pf = e.prefetcher()
+    pf = e.prefetcher(PREFETCH_VNNI)
     v64i8, v16i32, v16f = _vec(_i8, 64), _vec(_i32, 16), _vec(_f32, 16)
     dpbusd = e.fn("llvm.x86.avx512.vpdpbusd.512", v16i32, [v16i32, v16i32, v16i32])
     fma = e.fn("llvm.fma.v16f32", v16f, [v16f, v16f, v16f])

@@ -262,6 +262,11 @@ def q4_vnni512(packed, scales, lo, hi, corr, dl, q, d, gsum, htab, gblock, out):
     out[:] = 0
     for g0 in range(0, G4, gblock):
         n = (min(g0 + gblock, G4) - g0) // 4  # chunks of 4 groups
+        if T < 4:  # decode: one row per step (the calibration's fastest variant)
+            for r in prange(R):
+                for t in range(T):
+                    out[t, r] += _V11(packed, scales, r, lo, hi, corr, dl, t, g0, n)[0]
+            continue
         for rb in prange((R + 1) // 2):
             r = 2 * rb
             t = 0
