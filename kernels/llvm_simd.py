@@ -243,36 +243,43 @@ def _emit_q4_avx2_g8(e, nr, nt):
     with cgutils.for_range(b, nchunk) as loop:
         g = b.add(g0, b.mul(loop.index, e.const(8)))
         off16 = b.mul(g, e.const(16))
-        xs = []
-        for u in range(nt):
-            xo = b.add(xbase[u], off16)
-            xl = [e.load(lo.data, b.add(xo, e.const(32 * c)), v32i8) for c in range(4)]
-            xh = [e.load(hi.data, b.add(xo, e.const(32 * c)), v32i8) for c in range(4)]
-            go = b.add(gbase[u], g)
-            off8 = b.shl(e.load(gsum.data, go, v8i32), sh3)  # 8 * sum(xq) per group
-            xs.append((xl, xh, off8, e.load(d.data, go, v8f)))
-        for k in range(nr):
+        # Chunk-major order with the pair sums folded as soon as two chunks are
+        # done keeps few vectors live per (row, token), so blocks of several
+        # rows and tokens stay in registers.
+        pairs = [(k, u) for k in range(nr) for u in range(nt)]
+        prev = {}  # (k, u) -> int16 vector of the chunk before (even chunks)
+        half_sums = {pair: [] for pair in pairs}
+        for c in range(4):
             ws = []
-            for c in range(4):
+            for k in range(nr):
                 wo = b.add(wbase[k], b.add(off16, e.const(32 * c)))
                 if c % 2 == 0:
                     pf(packed.data, wo)
                 w = e.load(packed.data, wo, v32i8)
                 ws.append((b.and_(w, m15), b.lshr(w, sh4)))
-            s8 = e.halves_to_floats(scales.data, b.add(sbase[k], g), 8)
-            for u, (xl, xh, off8, d8) in enumerate(xs):
-                # int16 lanes of 4 products each: |.| <= 4 * 15 * 127 = 7620
-                ps = [
-                    b.add(b.call(maddubs, [wl, xl[c]]), b.call(maddubs, [wh, xh[c]]))
-                    for c, (wl, wh) in enumerate(ws)
-                ]
+            for u in range(nt):
+                xo = b.add(xbase[u], b.add(off16, e.const(32 * c)))
+                xl = e.load(lo.data, xo, v32i8)
+                xh = e.load(hi.data, xo, v32i8)
+                for k, (wl, wh) in enumerate(ws):
+                    # int16 lanes of 4 products each: |.| <= 4 * 15 * 127 = 7620
+                    p = b.add(b.call(maddubs, [wl, xl]), b.call(maddubs, [wh, xh]))
+                    if c % 2 == 0:
+                        prev[(k, u)] = p
+                    else:
+                        half_sums[(k, u)].append(b.call(phaddw, [prev[(k, u)], p]))
+        s8 = [e.halves_to_floats(scales.data, b.add(sbase[k], g), 8) for k in range(nr)]
+        for u in range(nt):
+            go = b.add(gbase[u], g)
+            off8 = b.shl(e.load(gsum.data, go, v8i32), sh3)  # 8 * sum(xq) per group
+            d8 = e.load(d.data, go, v8f)
+            for k in range(nr):
+                h01, h23 = half_sums[(k, u)]
                 # two rounds of int16 pair sums stay below 4 * 7620 = 30480 < 2**15
-                h01 = b.call(phaddw, [ps[0], ps[1]])
-                h23 = b.call(phaddw, [ps[2], ps[3]])
                 h = b.call(maddwd, [b.call(phaddw, [h01, h23]), ones])  # 1 lane/group
                 h = b.sub(b.shuffle_vector(h, ir.Constant(v8i32, None), order), off8)
                 acc = accs[k * nt + u]
-                m = b.fmul(s8, d8)
+                m = b.fmul(s8[k], d8)
                 b.store(b.call(fma, [b.sitofp(h, v8f), m, b.load(acc)]), acc)
     return [e.hsum(b.load(a), 8) for a in accs]
 
