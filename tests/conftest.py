@@ -11,7 +11,12 @@ Other test files import it; keep the signature stable.
 
 from __future__ import annotations
 
-import json
+import os
+
+# tiny matrices: multi-threaded BLAS only adds contention on the 2-core machines
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import json  # noqa: E402
 from pathlib import Path
 from typing import Any
 
