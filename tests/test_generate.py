@@ -289,6 +289,29 @@ def test_cli_errors(store, tmp_path):
     assert r.exit_code == 2 and "max_position" in r.stderr
     r = run_cli("generate", "--model", str(store), "--prompt", "x", "--top-p", "0")
     assert r.exit_code == 2 and "--top-p" in r.stderr
+    r = run_cli("generate", "--model", str(store), "--prompt", "x", "--threads", "0")
+    assert r.exit_code == 2 and "--threads 0" in r.stderr
+    cfg = tmp_path / "none.toml"
+    r = run_cli(
+        "generate", "--model", str(store), "--prompt", "x", "--config", str(cfg)
+    )
+    assert r.exit_code == 1 and "configuration file not found" in r.stderr
+
+
+def test_cli_threads_and_config(store, tmp_path):
+    from mer_cli import kernels
+
+    cfg = tmp_path / "mer.toml"
+    cfg.write_text("threads = 1\n")
+    args = ["generate", "--model", str(store), "--prompt", "ab", "--max-tokens", "3"]
+    before = kernels.get_threads()
+    try:
+        r = run_cli(*args, "--config", str(cfg))
+        assert r.exit_code == 0 and kernels.get_threads() == 1
+        r = run_cli(*args, "--threads", "2")
+        assert r.exit_code == 0 and kernels.get_threads() == min(2, before)
+    finally:
+        kernels.set_threads(before)
 
 
 def test_cli_eos_from_manifest(store, tmp_path):

@@ -131,7 +131,10 @@ def command(
     options.check()
     cfg = load_config(config_path)
     engine, tok = load(
-        model, ctx=ctx, kv_dtype=kv_dtype, threads=threads or cfg.threads
+        model,
+        ctx=ctx,
+        kv_dtype=kv_dtype,
+        threads=cfg.threads if threads is None else threads,
     )
     out = sys.stdout
     try:
