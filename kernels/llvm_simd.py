@@ -358,7 +358,10 @@ def _signed_operands(e, w, x, n):
     vt = _vec(_i8, n)
     absf = e.fn(f"llvm.abs.v{n}i8", vt, [vt, _i1])
     aw = b.call(absf, [w, ir.Constant(_i1, 0)])  # abs(-128) = 0x80 = 128 unsigned
-    neg = b.icmp_signed("<", w, ir.Constant(vt, [0] * n))
+    if n == 32:  # vpsignb: x negated where w < 0, zeroed where w == 0
+        psign = e.fn("llvm.x86.avx2.psign.b", vt, [vt, vt])
+        return aw, b.call(psign, [x, w])
+    neg = b.icmp_signed("<", w, ir.Constant(vt, [0] * n))  # AVX-512 has no vpsignb
     sx = b.select(neg, b.sub(ir.Constant(vt, [0] * n), x), x)
     return aw, sx
 
