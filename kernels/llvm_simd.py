@@ -21,6 +21,10 @@ Operands (see :class:`mer_cli.kernels.q4.QuantizedActivation`), all C-contiguous
 The VNNI intrinsics are only compiled when a kernel that uses them is first
 called, which :mod:`mer_cli.kernels.cpu` allows only on CPUs that have VNNI
 (LLVM cannot select ``vpdpbusd`` elsewhere).
+
+numba's on-disk cache (``cache=True``) only watches the file of the jitted
+function (``q4.py``, ``q8.py``): after editing this file, delete
+``kernels/__pycache__/*.nbi`` / ``*.nbc`` or the old code keeps running.
 """
 
 from __future__ import annotations
