@@ -284,6 +284,10 @@ class Engine:
             x = x[-1:]
         return K.linear(self.lm_head, K.rms_norm(x, self.final_norm, eps))
 
+    def reset_stats(self) -> None:
+        """Zero the timing counters (e.g. after a warm-up run in a benchmark)."""
+        self.timing = Timing(layer_moe_s=[0.0] * self.cfg.num_layers)
+
     def stats(self) -> dict[str, Any]:
         """Timing counters plus the expert source's own stats."""
         d: dict[str, Any] = self.timing.as_dict()

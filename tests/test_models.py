@@ -252,3 +252,5 @@ def test_stats_count_tokens(tmp_path):
     assert s["prefill_tokens"] == 10 and s["decode_tokens"] == 4
     assert s["prefill_tok_s"] > 0 and s["decode_tok_s"] > 0
     assert s["source"]["expert_requests"] > 0
+    eng.reset_stats()
+    assert eng.stats()["decode_tokens"] == 0 and eng.stats()["decode_tok_s"] is None
