@@ -129,7 +129,7 @@ class Completion:
         eng.reset()
         eng.cache.check_room(len(ids))
         sampler = Sampler(o.sampling())
-        t0 = {k: v for k, v in eng.timing.as_dict().items()}
+        t0 = eng.timing.as_dict()
         stops = _StopMatcher(o.stop)
         dec = tok.decoder(ids)
         ttft = None
