@@ -32,7 +32,13 @@ import numpy as np
 from mer_cli.formats.quant import QTensor, bf16_to_f32
 from mer_cli.kernels import q4 as _q4
 from mer_cli.kernels import q8 as _q8
-from mer_cli.kernels.config import frozen, get_threads, set_threads
+from mer_cli.kernels.config import (
+    MIN_PARALLEL_MACS,
+    call_sized,
+    frozen,
+    get_threads,
+    set_threads,
+)
 from mer_cli.kernels.cpu import best_path, check_path, supported_paths
 from mer_cli.kernels.ops import attention, rms_norm, rope, silu_mul, softmax, topk
 from mer_cli.kernels.q4 import QuantizedActivation, quantize_input
@@ -83,19 +89,23 @@ def _run_quantized(w: QTensor, qa: QuantizedActivation, out: np.ndarray, path: s
     packed = frozen(w.packed)
     scales = frozen(w.scales).view(np.uint16)
     T, G = qa.d.shape
+    work = T * G * 32 * packed.shape[0]  # multiply-adds
     if w.dtype == "q4":
         if path == "generic":
-            _q4.q4_generic(packed, scales, qa.q, qa.d, qa.gsum, _q4.HALF_TABLE, out)
+            args = (packed, scales, qa.q, qa.d, qa.gsum, _q4.HALF_TABLE, out)
+            call_sized(work, MIN_PARALLEL_MACS, _q4.q4_generic, *args)
             return
         fn = _q4.q4_avx2 if path == "avx2" else _q4.q4_vnni512
         gb = _group_block("q4", T, G, 8 if path == "avx2" else 4)
-        fn(packed, scales, qa.lo, qa.hi, qa.corr, qa.dl, qa.q, qa.d, qa.gsum,
-           _q4.HALF_TABLE, gb, out)  # fmt: skip
+        args = (packed, scales, qa.lo, qa.hi, qa.corr, qa.dl, qa.q, qa.d, qa.gsum,
+                _q4.HALF_TABLE, gb, out)  # fmt: skip
     elif path == "generic":
-        _q8.q8_generic(packed, scales, qa.q, qa.d, _q4.HALF_TABLE, out)
+        fn = _q8.q8_generic
+        args = (packed, scales, qa.q, qa.d, _q4.HALF_TABLE, out)
     else:
         fn = _q8.q8_avx2 if path == "avx2" else _q8.q8_vnni512
-        fn(packed, scales, qa.q, qa.d, _group_block("q8", T, G, 2), out)
+        args = (packed, scales, qa.q, qa.d, _group_block("q8", T, G, 2), out)
+    call_sized(work, MIN_PARALLEL_MACS, fn, *args)
 
 
 def _out_array(out, T: int, R: int, vector: bool) -> np.ndarray:

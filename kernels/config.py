@@ -37,6 +37,28 @@ def frozen(a: np.ndarray, dtype=None) -> np.ndarray:
     return v
 
 
+def call_sized(work: int, min_parallel: int, fn, *args):
+    """``fn(*args)`` on one thread when ``work < min_parallel``, else on all.
+
+    A parallel region ends when every worker thread has run its share, so on a
+    busy machine a tiny kernel can wait a whole scheduler slice (milliseconds,
+    measured here) for a worker to get a core; small work runs alone instead.
+    """
+    n = numba.get_num_threads()
+    if work >= min_parallel or n == 1:
+        return fn(*args)
+    numba.set_num_threads(1)
+    try:
+        return fn(*args)
+    finally:
+        numba.set_num_threads(n)
+
+
+#: multiply-adds below which a product runs on the calling thread alone
+#: (see call_sized; switching the thread count costs ~5 us)
+MIN_PARALLEL_MACS = 1 << 20
+
+
 def set_threads(n: int | None = None) -> int:
     """Use ``n`` threads in parallel kernels (``None``: all cores numba sees).
 

@@ -13,7 +13,13 @@ import numpy as np
 from numba import njit, prange, types
 from numba.extending import overload
 
-from mer_cli.kernels.config import FAST, PFAST, frozen
+from mer_cli.kernels.config import (
+    FAST,
+    MIN_PARALLEL_MACS,
+    PFAST,
+    call_sized,
+    frozen,
+)
 from mer_cli.kernels.q4 import HALF_TABLE
 
 
@@ -32,10 +38,12 @@ def _widen_impl(v, htab):
 # ----------------------------------------------------------------------------- rms_norm
 
 
-@njit(**PFAST)
+@njit(**FAST)
 def _rms_norm(x, w, eps, out):
+    # serial: even a long prompt is a few ms, less than a parallel launch can
+    # cost on a busy machine
     T, N = x.shape
-    for t in prange(T):
+    for t in range(T):
         ss = np.float32(0)
         for i in range(N):
             ss += x[t, i] * x[t, i]
@@ -58,7 +66,8 @@ def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
     x = np.asarray(x, np.float32)
     x2 = frozen(x.reshape(-1, x.shape[-1]))
     out = np.empty(x2.shape, np.float32)
-    _rms_norm(x2, frozen(weight, np.float32), np.float32(eps), out)
+    w = frozen(weight, np.float32)
+    _rms_norm(x2, w, np.float32(eps), out)
     return out.reshape(x.shape)
 
 
@@ -183,17 +192,19 @@ def attention(
         raise ValueError(f"KV cache holds {k.shape[0]} positions, need {S}")
     out = np.empty((T, H, hd), np.float32)
     w = 0 if window is None else int(window)
-    _attention(q, k, v, int(start), w, HALF_TABLE, out)
+    work = T * H * S * hd  # upper bound of the multiply-adds
+    args = (q, k, v, int(start), w, HALF_TABLE, out)
+    call_sized(work, MIN_PARALLEL_MACS, _attention, *args)
     return out
 
 
 # ----------------------------------------------------------------------------- elementwise
 
 
-@njit(**PFAST)
+@njit(**FAST)
 def _silu_mul(gu, out):
     T, F = out.shape
-    for t in prange(T):
+    for t in range(T):
         for i in range(F):
             g = gu[t, i]
             out[t, i] = (g / (np.float32(1) + np.float32(math.exp(-g)))) * gu[t, F + i]

@@ -76,39 +76,51 @@ class QuantizedActivation(NamedTuple):
         return self.q.shape
 
 
-@njit(**PJIT)
-def _quantize(x, q, d, gsum, lo, hi, corr, dl):
+@njit(**JIT)
+def _quantize_token(x, t, q, d, gsum, lo, hi, corr, dl):
     # No fastmath: x*inv + 0.5 must round twice in f32, exactly like numpy.
-    T, C = x.shape
-    for t in prange(T):
-        for g in range(C // 32):
-            c0 = 32 * g
-            amax = np.float32(0)
-            for j in range(32):
-                a = abs(x[t, c0 + j])
-                if a > amax:
-                    amax = a
-            dg = amax / np.float32(127)
-            inv = np.float32(1) / dg if dg > 0 else np.float32(0)
-            s = 0
-            for j in range(32):
-                v = x[t, c0 + j] * inv
-                h = np.float32(0.5) if v >= 0 else np.float32(-0.5)
-                qi = math.trunc(v + h)
-                q[t, c0 + j] = qi
-                s += qi
-            d[t, g] = dg
-            gsum[t, g] = s
-            for j in range(16):
-                lo[t, 16 * g + j] = q[t, c0 + j]
-                hi[t, 16 * g + j] = q[t, c0 + 16 + j]
-            for lane in range(4):
-                c = 0
-                for k in range(4):
-                    c += np.int32(lo[t, 16 * g + 4 * lane + k])
-                    c += np.int32(hi[t, 16 * g + 4 * lane + k])
-                corr[t, 4 * g + lane] = -8 * c
-                dl[t, 4 * g + lane] = dg
+    C = x.shape[1]
+    for g in range(C // 32):
+        c0 = 32 * g
+        amax = np.float32(0)
+        for j in range(32):
+            a = abs(x[t, c0 + j])
+            if a > amax:
+                amax = a
+        dg = amax / np.float32(127)
+        inv = np.float32(1) / dg if dg > 0 else np.float32(0)
+        s = 0
+        for j in range(32):
+            v = x[t, c0 + j] * inv
+            h = np.float32(0.5) if v >= 0 else np.float32(-0.5)
+            qi = math.trunc(v + h)
+            q[t, c0 + j] = qi
+            s += qi
+        d[t, g] = dg
+        gsum[t, g] = s
+        for j in range(16):
+            lo[t, 16 * g + j] = q[t, c0 + j]
+            hi[t, 16 * g + j] = q[t, c0 + 16 + j]
+        for lane in range(4):
+            c = 0
+            for k in range(4):
+                c += np.int32(lo[t, 16 * g + 4 * lane + k])
+                c += np.int32(hi[t, 16 * g + 4 * lane + k])
+            corr[t, 4 * g + lane] = -8 * c
+            dl[t, 4 * g + lane] = dg
+
+
+@njit(**PJIT)
+def _quantize_parallel(x, q, d, gsum, lo, hi, corr, dl):
+    for t in prange(x.shape[0]):
+        _quantize_token(x, t, q, d, gsum, lo, hi, corr, dl)
+
+
+@njit(**JIT)
+def _quantize_serial(x, q, d, gsum, lo, hi, corr, dl):
+    # decode: a parallel launch costs more than quantizing one token
+    for t in range(x.shape[0]):
+        _quantize_token(x, t, q, d, gsum, lo, hi, corr, dl)
 
 
 def quantize_input(x: np.ndarray) -> QuantizedActivation:
@@ -138,7 +150,7 @@ def quantize_input(x: np.ndarray) -> QuantizedActivation:
         np.empty((T, C // 8), np.float32),
         vector,
     )
-    _quantize(x, *qa[:7])
+    (_quantize_serial if T < 4 else _quantize_parallel)(x, *qa[:7])
     return qa
 
 
