@@ -29,6 +29,9 @@ def render(name: str, command: click.Command, parent: click.Context | None) -> s
         parent=parent,
         terminal_width=80,
         max_content_width=80,
+        # as the real CLI does (-h/--help); otherwise the page depends on whether
+        # click cached the command's help option in an earlier invocation
+        **(command.context_settings if parent is None else {}),
     )
     help_text = command.get_help(ctx)
     summary = (command.get_short_help_str(limit=200) or name).rstrip(".")
@@ -46,7 +49,13 @@ def generate() -> dict[str, str]:
     """File name -> content for every page generated from the CLI."""
     from mer_cli.cli import cli
 
-    root = click.Context(cli, info_name="mer", terminal_width=80, max_content_width=80)
+    root = click.Context(
+        cli,
+        info_name="mer",
+        terminal_width=80,
+        max_content_width=80,
+        **cli.context_settings,
+    )
     pages = {"mer.1": render("mer", cli, None)}
     for sub in cli.list_commands(root):
         cmd = cli.get_command(root, sub)
