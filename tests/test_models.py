@@ -147,7 +147,8 @@ def test_moe_uses_the_source_contract(tmp_path):
     got = np.vstack([got, eng.decode_step(5)])
     ref = Engine(store)  # resident: no prefetch hints
     want = np.vstack([ref.prefill(prompt, all_logits=True), ref.decode_step(5)])
-    assert rel_err(got, want) < 1e-5  # only the accumulation order differs
+    # experts arrive in another order, but are summed in expert order: identical
+    np.testing.assert_array_equal(got, want)
     # one fetch per layer per forward, for exactly the union of routed experts
     L = cfg.num_layers
     assert [f[0] for f in src.fetches] == list(range(L)) * 2

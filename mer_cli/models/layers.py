@@ -250,16 +250,22 @@ def moe_block(
     out = np.zeros((T, D), np.float32)
     wanted: Sequence[int] = np.unique(ids).tolist()
     hinted = prefetch is None
+    done: dict[int, tuple[np.ndarray, np.ndarray]] = {}
     for e, parts in source.fetch(layer, wanted):
         tok, slot = np.nonzero(ids == e)  # the tokens routed to e, [n]
         xe = x if len(tok) == T else np.ascontiguousarray(x[tok])
         y = expert_mlp(parts["gate_up"], parts["down"], xe)  # [n, D]
-        out[tok] += weights[tok, slot, None] * y
+        done[e] = (tok, weights[tok, slot, None] * y)
         if not hinted:
             hinted = True
             hint = prefetch()
             if hint is not None and hint.experts:
                 source.prefetch(hint.layer, hint.experts, hint.scores)
+    # sum in expert order, not arrival order: float addition is not associative,
+    # and a streamed run must give exactly the tokens of a resident one
+    for e in sorted(done):
+        tok, y = done[e]
+        out[tok] += y
     shared = arch.shared_expert(w, x)
     if shared is not None:
         out += shared
