@@ -105,11 +105,22 @@ class Completion:
     prompt : str
         Raw text, or the user message when ``options.chat`` is set.
     options : GenerateOptions
+    read_ceiling : ReadCeiling, optional
+        The drive's best read GB/s (:mod:`mer_cli.sources`), for the share of it
+        the expert reads reached (``stats["io"]``).
     """
 
-    def __init__(self, engine, tokenizer, prompt: str, options: GenerateOptions):
+    def __init__(
+        self,
+        engine,
+        tokenizer,
+        prompt: str,
+        options: GenerateOptions,
+        read_ceiling: Any = None,
+    ):
         options.check()
         self.engine, self.tok, self.options = engine, tokenizer, options
+        self.read_ceiling = read_ceiling
         self.result = GenerateResult(prompt=prompt)
         self.tokens: list[int] = []  # generated ids (EOS excluded)
         self.started = False  # the prompt was accepted and generation began
@@ -130,6 +141,7 @@ class Completion:
         eng.cache.check_room(len(ids))
         sampler = Sampler(o.sampling())
         t0 = eng.timing.as_dict()
+        io0 = io1 = _io_snapshot(eng.source)
         stops = _StopMatcher(o.stop)
         dec = tok.decoder(ids)
         ttft = None
@@ -139,6 +151,7 @@ class Completion:
                 res.finish_reason = FINISH_LENGTH
                 return
             logits = eng.prefill(ids)
+            io1 = _io_snapshot(eng.source)
             while True:
                 token = sampler(logits)
                 if ttft is None:
@@ -174,7 +187,20 @@ class Completion:
                 round(ttft, 6) if ttft is not None else None
             )
             res.stats["seed"] = sampler.seed if o.temperature > 0 else None
-            res.stats["source"] = eng.source.stats()
+            src = eng.source.stats()
+            res.stats["source"] = src
+            if io0 is not None:
+                res.stats["io"] = _io_stats(
+                    res.stats,
+                    src,
+                    io0,
+                    io1,
+                    _io_snapshot(eng.source),
+                    self.read_ceiling,
+                )
+            from mer_cli.memory import peak_rss_bytes
+
+            res.stats["peak_rss_bytes"] = peak_rss_bytes()
 
     def run(self) -> GenerateResult:
         """Generate to the end and return the result."""
@@ -191,13 +217,90 @@ def generate(
 
 
 def generate_many(
-    engine, tokenizer, prompts: Iterable[str], options: GenerateOptions | None = None
+    engine,
+    tokenizer,
+    prompts: Iterable[str],
+    options: GenerateOptions | None = None,
+    read_ceiling: Any = None,
 ) -> Iterator[Completion]:
     """One :class:`Completion` per prompt, run one after another (iterate each
     before taking the next)."""
     options = options or GenerateOptions()
     for p in prompts:
-        yield Completion(engine, tokenizer, p, options)
+        yield Completion(engine, tokenizer, p, options, read_ceiling)
+
+
+def _io_snapshot(source) -> dict[str, float] | None:
+    """Cumulative read counters of a streaming source (None: nothing is read)."""
+    reader = getattr(source, "reader", None)
+    if reader is None:
+        return None
+    r = reader.stats()
+    return {
+        "bytes_read": r["bytes_read"],
+        "read_s": r["read_seconds"],
+        "stall_s": float(getattr(source, "stall_seconds", 0.0)),
+    }
+
+
+def _io_stats(
+    timing: dict[str, Any],
+    src: dict[str, Any],
+    before: dict[str, float],
+    mid: dict[str, float],
+    after: dict[str, float],
+    ceiling: Any,
+) -> dict[str, Any]:
+    """One prompt's expert I/O: whole run and decode only (``decode_*``).
+
+    ``read_gbps`` is bytes over the time at least one read was in flight;
+    ``decode_read_gbps_wall`` is decode bytes over decode wall time.
+    ``stall_share`` is the part of the forward passes' time the compute thread
+    waited for a read. Hit rates and prefetch figures cover all prompts so far.
+    """
+
+    def rate(b: float, s: float) -> float | None:
+        return round(b / s / 1e9, 4) if s > 0 and b else None
+
+    def share(a: float, b: float) -> float | None:
+        return round(a / b, 4) if b > 0 else None
+
+    run_s = timing["prefill_s"] + timing["decode_s"]
+    nbytes = after["bytes_read"] - before["bytes_read"]
+    read_s = after["read_s"] - before["read_s"]
+    dec_bytes = after["bytes_read"] - mid["bytes_read"]
+    dec_read_s = after["read_s"] - mid["read_s"]
+    dec_stall = after["stall_s"] - mid["stall_s"]
+    gbps = rate(nbytes, read_s)
+    d: dict[str, Any] = {
+        "bytes_read": int(nbytes),
+        "read_s": round(read_s, 6),
+        "read_gbps": gbps,
+        "stall_s": round(after["stall_s"] - before["stall_s"], 6),
+        "stall_share": share(after["stall_s"] - before["stall_s"], run_s),
+        "decode_bytes_read": int(dec_bytes),
+        "decode_read_gbps": rate(dec_bytes, dec_read_s),
+        "decode_read_gbps_wall": rate(dec_bytes, timing["decode_s"]),
+        "decode_stall_s": round(dec_stall, 6),
+        "decode_stall_share": share(dec_stall, timing["decode_s"]),
+        "ceiling_gbps": None,
+        "ceiling_from": None,
+        "read_share_of_ceiling": None,
+    }
+    if ceiling is not None:
+        d["ceiling_gbps"] = round(ceiling.gbps, 4)
+        d["ceiling_from"] = ceiling.origin
+        d["read_share_of_ceiling"] = share(gbps or 0.0, ceiling.gbps)
+    for k in (
+        "hit_rate",
+        "hit_rate_lru",
+        "hit_rate_belady",
+        "prefetch_precision",
+        "prefetch_recall",
+    ):
+        if k in src:
+            d[k] = round(float(src[k]), 4)
+    return d
 
 
 def _delta(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:

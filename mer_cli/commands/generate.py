@@ -68,6 +68,41 @@ import click
     help="KV cache element type; f16 halves its memory.",
 )
 @click.option(
+    "--ram-budget",
+    metavar="SIZE",
+    help="DRAM for cached experts, e.g. 6GiB [default: config ram_budget, else "
+    "half the available memory]. Dense weights and the KV cache come on top.",
+)
+@click.option(
+    "--stream/--no-stream",
+    default=None,
+    help="Force streaming experts from the drive, or force all in RAM "
+    "[default: stream only when the experts exceed --ram-budget].",
+)
+@click.option(
+    "--io-threads",
+    type=click.IntRange(min=1),
+    help="Reader threads (I/O queue depth) [default: config io_threads, else the "
+    "drive's profile from mer profile-ssd, else 8].",
+)
+@click.option(
+    "--prefetch/--no-prefetch",
+    default=True,
+    show_default=True,
+    help="Read the next layer's likely experts ahead (router lookahead).",
+)
+@click.option(
+    "--verify-checksums",
+    is_flag=True,
+    help="Check the CRC-32 of every expert extent as it is read.",
+)
+@click.option(
+    "--no-io-measure",
+    is_flag=True,
+    help="With no drive profile, skip the 0.5 s read measurement that --stats/--json "
+    "compare the read speed with.",
+)
+@click.option(
     "--config",
     "config_path",
     type=click.Path(dir_okay=False),
@@ -89,6 +124,12 @@ def command(
     threads: int | None,
     ctx: int | None,
     kv_dtype: str,
+    ram_budget: str | None,
+    stream: bool | None,
+    io_threads: int | None,
+    prefetch: bool,
+    verify_checksums: bool,
+    no_io_measure: bool,
     config_path: str | None,
 ) -> None:
     """Generate text from a prompt, streamed to stdout as tokens come.
@@ -98,15 +139,24 @@ def command(
     is eos, stop, length (--max-tokens), context (--ctx full) or interrupted.
     Ctrl-C stops and keeps what was generated.
 
+    When the experts exceed --ram-budget they stream from the drive with
+    O_DIRECT reads into that many bytes of fixed slots; the output is the same
+    as with every expert in RAM. --stats then also prints bytes read, read GB/s
+    and its share of the drive's best (from its mer profile-ssd profile, else a
+    quick measurement), the hit rate beside LRU's and Belady's optimum, the time
+    stalled on reads, prefetch precision/recall and the peak RSS.
+
     \b
     Examples:
       mer generate --model mixtral.mer --prompt "The capital of France is"
       echo "Write a haiku" | mer generate --model qwen.mer --prompt - --chat
       mer generate --model m.mer --prompts-file prompts.jsonl --json > out.jsonl
       mer generate --model m.mer --prompt "Once" --temperature 0.8 --seed 1 --stats
+      mer generate --model mixtral.mer --prompt "Hi" --ram-budget 4GiB --stats
     """
     from mer_cli.config import load_config
     from mer_cli.generate import GenerateOptions, generate_many, load, read_prompts
+    from mer_cli.sources import SourceOptions, open_source, plan_source, read_ceiling
 
     if not model:
         raise click.UsageError(
@@ -130,15 +180,33 @@ def command(
     )
     options.check()
     cfg = load_config(config_path)
+    source_options = SourceOptions(
+        ram_budget=ram_budget,
+        stream=stream,
+        io_threads=io_threads,
+        prefetch=prefetch,
+        verify_checksums=verify_checksums,
+    )
+    plan = None
+
+    def make_source(store):
+        nonlocal plan
+        plan = plan_source(store, source_options, cfg)
+        return open_source(store, plan)
+
     engine, tok = load(
         model,
         ctx=ctx,
         kv_dtype=kv_dtype,
         threads=cfg.threads if threads is None else threads,
+        source=make_source,
     )
     out = sys.stdout
     try:
-        for c in generate_many(engine, tok, prompts, options):
+        ceiling = None
+        if stats or as_json:
+            ceiling = read_ceiling(engine.store, plan, measure=not no_io_measure)
+        for c in generate_many(engine, tok, prompts, options, ceiling):
             try:
                 for piece in c:
                     if not as_json:
@@ -175,6 +243,49 @@ def _print_stats(result) -> None:
         f"first token {num(s.get('time_to_first_token_s'), 's')}",
         err=True,
     )
+    io = s.get("io")
+    if io:
+        _print_io(s, io)
+    elif s.get("source"):
+        click.echo(f"experts: {s['source'].get('source', '?')} (all in RAM)", err=True)
+    rss = s.get("peak_rss_bytes")
+    if rss:
+        click.echo(f"peak RSS {rss / 2**20:.1f} MiB", err=True)
+
+
+def _print_io(s: dict, io: dict) -> None:
+    from mer_cli.units import format_size
+
     src = s.get("source") or {}
-    if src:
-        click.echo("source: " + ", ".join(f"{k}={v}" for k, v in src.items()), err=True)
+
+    def pct(v) -> str:
+        return "-" if v is None else f"{100 * v:.1f}%"
+
+    def gb(v) -> str:
+        return "-" if v is None else f"{v:.3f} GB/s"
+
+    line = (
+        f"experts streamed: {src.get('slots', '?')} slots of "
+        f"{format_size(src.get('slot_nbytes', 0))}, read "
+        f"{format_size(io['bytes_read'])} at {gb(io['read_gbps'])}"
+    )
+    if io.get("ceiling_gbps"):
+        line += (
+            f" = {pct(io['read_share_of_ceiling'])} of {gb(io['ceiling_gbps'])} "
+            f"({io['ceiling_from']})"
+        )
+    click.echo(line, err=True)
+    click.echo(
+        f"stalled on reads {pct(io['stall_share'])} of the run, "
+        f"{pct(io['decode_stall_share'])} of decode; decode reads "
+        f"{gb(io['decode_read_gbps'])} ({gb(io['decode_read_gbps_wall'])} over "
+        "decode time)",
+        err=True,
+    )
+    click.echo(
+        f"hit rate {pct(io.get('hit_rate'))} (LRU {pct(io.get('hit_rate_lru'))}, "
+        f"Belady MIN {pct(io.get('hit_rate_belady'))}); prefetch precision "
+        f"{pct(io.get('prefetch_precision'))}, recall "
+        f"{pct(io.get('prefetch_recall'))}",
+        err=True,
+    )
