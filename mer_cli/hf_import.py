@@ -36,6 +36,7 @@ from mer_cli.errors import FormatError, UnsupportedError
 from mer_cli.formats import quant
 from mer_cli.formats.safetensors import FLOAT_DTYPES, Checkpoint, to_f32
 from mer_cli.formats.store import StoreWriter
+from mer_cli.kernels.quantize import quantize_rows
 from mer_cli.models.config import ModelConfig, from_hf_config
 from mer_cli.quantize import check_options
 
@@ -491,9 +492,17 @@ def encode_pieces(
     for (raw, st), label in zip(sources, labels):
         for a in range(0, raw.shape[0], step):
             chunk = raw[a : a + step]
+            b = r + a + chunk.shape[0]
+            if dtype in quant.QUANTIZED and st in ("F32", "BF16"):
+                # one pass per row from the raw bytes (same bytes as ``fn``)
+                bad = quantize_rows(chunk, dtype, packed[r + a : b], scales[r + a : b])
+                if bad is not None:
+                    _check_finite(to_f32(chunk, st), label, a)
+                if release is not None:
+                    release(chunk)
+                continue
             w = to_f32(chunk, st)
             _check_finite(w, label, a)
-            b = r + a + w.shape[0]
             if dtype in quant.QUANTIZED:
                 packed[r + a : b], scales[r + a : b] = fn(w)
             elif dtype == "bf16":
