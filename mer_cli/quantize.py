@@ -14,7 +14,7 @@ from pathlib import Path
 from mer_cli.errors import FormatError, UsageError
 
 EXPERT_DTYPES = ("q4", "q8", "f16", "f32")
-DENSE_DTYPES = ("q8", "f16", "bf16", "f32")
+DENSE_DTYPES = ("q4", "q8", "f16", "bf16", "f32")
 GGUF_MAGIC = b"GGUF"
 
 
@@ -71,7 +71,8 @@ def quantize(
         it and renamed into place, so an interrupted run leaves no store.
     experts, dense
         Encodings of routed experts (q4, q8, f16, f32) and of 2-D dense tensors
-        (q8, f16, bf16, f32). 1-D tensors, routers and the shared-expert gate
+        (q4, q8, f16, bf16, f32; q4 transcodes a GGUF Q4_0 model's dense
+        tensors bit for bit, so mer runs the very weights llama.cpp runs). 1-D tensors, routers and the shared-expert gate
         are always f32.
     force
         Replace an existing ``out``.

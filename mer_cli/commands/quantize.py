@@ -27,11 +27,14 @@ import click
 )
 @click.option(
     "--dense",
-    type=click.Choice(["q8", "f16", "bf16", "f32"]),
+    type=click.Choice(["q4", "q8", "f16", "bf16", "f32"]),
     default="q8",
     show_default=True,
     help="Encoding of 2-D dense tensors (attention, embeddings, shared expert, "
-    "lm_head). Norms, biases, routers and the shared-expert gate are always f32.",
+    "lm_head). Norms, biases, routers and the shared-expert gate are always f32. "
+    "q4 from a GGUF Q4_0 file copies its blocks bit for bit (the weights "
+    "llama.cpp runs, e.g. for a comparison); from a checkpoint it adds q4's "
+    "error to every dense matrix.",
 )
 @click.option("--force", is_flag=True, help="Replace STORE if it exists.")
 @click.option(
