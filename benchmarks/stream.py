@@ -1,0 +1,611 @@
+"""Streaming experts under a memory limit: mer vs page-cache mmap vs llama.cpp.
+
+Usage (as root; cgroup v1 memory controller)::
+
+    python benchmarks/stream.py --store mixtral-16l.mer --gguf mixtral-16l.gguf \\
+        --limit 4GiB --tokens 16 --prompt "The history of the Roman empire"
+    python benchmarks/stream.py --store tiny.mer --no-cgroup --tokens 8   # dry run
+
+One run, several configurations, each a child process. Before each one the page
+cache is dropped (``sync; echo 3 > /proc/sys/vm/drop_caches``) and the child is
+placed in a cgroup v1 memory group limited to ``--limit`` (its pid is written to
+``cgroup.procs`` before it starts Python, so all its memory, page cache included,
+is charged there). Configurations:
+
+``resident``
+    All experts in RAM, OUTSIDE the cgroup (skipped when the store does not fit
+    in available memory): the compute time per token. Without it the compute
+    time is a streamed run's stall-free time (decode time minus time stalled).
+``stream``, ``stream-noprefetch``
+    ``StreamedExperts`` (O_DIRECT reads into ``--ram-budget`` of slots), with the
+    router-lookahead prefetch on and off.
+``mmap``
+    The naive baseline: the same store through its memory map
+    (``ResidentExperts(preload=False)``), i.e. page-cache demand paging.
+``llama.cpp``
+    ``llama_cpp.Llama(gguf, use_mmap=True)`` on the GGUF Q4_0 of the same model
+    (``--gguf``), greedy decode timed token by token.
+
+Also measured in the same run: the drive's sequential O_DIRECT ceiling on the
+largest experts file (fio, libaio queue depth 8, when installed; else mer's
+reader with 8 threads), after dropping the cache.
+
+Reported in one table: decode tok/s, expert read GB/s during decode (while
+reads were in flight, and over decode wall time), its share of the ceiling, the
+share of decode time stalled on I/O, and token time / max(I/O time, compute
+time), where I/O time = decode bytes read / ceiling. Ratios: ours / llama.cpp,
+ours / mmap. The machine may be shared: compare only figures of one run.
+
+Each configuration is bounded by ``--tokens`` and killed after ``--timeout``
+seconds; the cgroup is removed at the end (also on Ctrl-C).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+CGROUP_ROOT = Path("/sys/fs/cgroup/memory")
+CHILD_FLAG = "--child"
+OVERHEAD = 512 << 20  # interpreter, numba, buffers: kept out of the default budget
+
+
+# ---------------------------------------------------------------- child side
+
+
+def _read_bytes() -> int:
+    """Bytes this process made the storage layer fetch (page cache misses and
+    O_DIRECT reads), from /proc/self/io."""
+    try:
+        with open("/proc/self/io") as f:
+            for line in f:
+                if line.startswith("read_bytes:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def _warm_up(warm: str | None, threads: int | None) -> None:
+    """Run the kernels once on a tiny store (JIT/cache load), not on the big one,
+    so the measured store stays cold."""
+    if not warm:
+        return
+    from mer_cli.generate import GenerateOptions, generate, load
+
+    eng, tok = load(warm, ctx=64, threads=threads)
+    try:
+        generate(eng, tok, "warm up", GenerateOptions(max_tokens=3))
+    finally:
+        eng.close()
+
+
+def child_mer(cfg: dict) -> dict:
+    from mer_cli.experts import ResidentExperts
+    from mer_cli.generate import Completion, GenerateOptions, load
+    from mer_cli.memory import peak_rss_bytes
+    from mer_cli.streaming import StreamedExperts
+
+    _warm_up(cfg.get("warm"), cfg.get("threads"))
+    mode = cfg["mode"]
+
+    def make(store):
+        if mode == "resident":
+            return ResidentExperts(store, preload=True)
+        if mode == "mmap":
+            return ResidentExperts(store, preload=False)
+        return StreamedExperts(
+            store,
+            cfg["ram_budget"],
+            io_threads=cfg["io_threads"],
+            chunk_size=cfg["chunk"],
+            prefetch=mode == "stream",
+            switch_interval=cfg.get("switch_interval"),
+        )
+
+    t_load = time.perf_counter()
+    eng, tok = load(
+        cfg["store"], ctx=cfg["ctx"], threads=cfg.get("threads"), source=make
+    )
+    load_s = time.perf_counter() - t_load
+    try:
+        c = Completion(
+            eng,
+            tok,
+            cfg["prompt"],
+            GenerateOptions(max_tokens=cfg["tokens"]),
+        )
+        marks: dict[str, int] = {}
+        prefill = eng.prefill
+
+        def timed_prefill(*a, **kw):  # mark the prefill/decode boundary
+            out = prefill(*a, **kw)
+            marks["rb1"] = _read_bytes()
+            return out
+
+        eng.prefill = timed_prefill
+        rb0 = _read_bytes()
+        c.run()
+        rb2 = _read_bytes()
+        rb1 = marks.get("rb1", rb2)
+        res = c.result
+    finally:
+        eng.close()
+    s = res.stats
+    return {
+        "config": cfg["name"],
+        "load_s": round(load_s, 3),
+        "tokens": res.completion_tokens,
+        "text": res.completion,
+        "prefill_tok_s": s.get("prefill_tok_s"),
+        "decode_tokens": s.get("decode_tokens"),
+        "decode_s": s.get("decode_s"),
+        "decode_tok_s": s.get("decode_tok_s"),
+        "io": s.get("io"),
+        "source": {
+            k: v for k, v in s.get("source", {}).items() if not isinstance(v, list)
+        },
+        "proc_read_bytes_prefill": rb1 - rb0,
+        "proc_read_bytes_decode": rb2 - rb1,
+        "peak_rss_bytes": peak_rss_bytes(),
+    }
+
+
+def child_llama(cfg: dict) -> dict:
+    import numpy as np
+    from llama_cpp import Llama
+
+    t0 = time.perf_counter()
+    llm = Llama(
+        model_path=cfg["gguf"],
+        n_threads=cfg.get("threads") or os.cpu_count(),
+        n_ctx=cfg["ctx"],
+        use_mmap=True,
+        verbose=False,
+    )
+    load_s = time.perf_counter() - t0
+    ids = llm.tokenize(cfg["prompt"].encode(), add_bos=True)
+    rb0 = _read_bytes()
+    t0 = time.perf_counter()
+    llm.eval(ids)
+    prefill_s = time.perf_counter() - t0
+    rb1 = _read_bytes()
+    out = []
+    t0 = time.perf_counter()
+    for i in range(cfg["tokens"]):
+        tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        if tok == llm.token_eos():
+            break
+        out.append(tok)
+        if i + 1 < cfg["tokens"]:
+            llm.eval([tok])
+    decode_s = time.perf_counter() - t0
+    rb2 = _read_bytes()
+    n = max(len(out) - 1, 0)  # forward passes after the prompt
+    return {
+        "config": cfg["name"],
+        "load_s": round(load_s, 3),
+        "tokens": len(out),
+        "prefill_tok_s": round(len(ids) / prefill_s, 3) if prefill_s else None,
+        "decode_tokens": n,
+        "decode_s": round(decode_s, 6),
+        "decode_tok_s": round(n / decode_s, 3) if decode_s and n else None,
+        "io": None,
+        "proc_read_bytes_prefill": rb1 - rb0,
+        "proc_read_bytes_decode": rb2 - rb1,
+    }
+
+
+def child_main(arg: str) -> None:
+    cfg = json.loads(arg)
+    out = child_llama(cfg) if cfg["mode"] == "llama" else child_mer(cfg)
+    print("RESULT " + json.dumps(out), flush=True)
+
+
+# ---------------------------------------------------------------- parent side
+
+
+class Cgroup:
+    """A cgroup v1 memory group; ``add_self`` is used in the child before exec."""
+
+    def __init__(self, name: str, limit: int) -> None:
+        if not CGROUP_ROOT.is_dir():
+            sys.exit(
+                f"{CGROUP_ROOT} does not exist: this machine has no cgroup v1 memory "
+                "controller; run with --no-cgroup for a dry run"
+            )
+        self.path = CGROUP_ROOT / name
+        self.path.mkdir(exist_ok=True)
+        (self.path / "memory.limit_in_bytes").write_text(str(limit))
+        self.limit = int((self.path / "memory.limit_in_bytes").read_text())
+
+    def add_self(self) -> None:
+        with open(self.path / "cgroup.procs", "w") as f:
+            f.write(str(os.getpid()))
+
+    def usage_max(self) -> int:
+        try:
+            return int((self.path / "memory.max_usage_in_bytes").read_text())
+        except OSError:
+            return 0
+
+    def reset_max(self) -> None:
+        try:
+            (self.path / "memory.max_usage_in_bytes").write_text("0")
+        except OSError:
+            pass
+
+    def remove(self) -> None:
+        for _ in range(50):
+            try:
+                self.path.rmdir()
+                return
+            except FileNotFoundError:
+                return
+            except OSError:
+                time.sleep(0.1)  # tasks still exiting
+        print(f"warning: could not remove {self.path}", file=sys.stderr)
+
+
+def drop_caches(files: list[Path], root: bool) -> None:
+    """Empty the page cache (root), else drop ``files``' pages (fadvise)."""
+    os.sync()
+    if root:
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+        return
+    for p in files:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def run_child(cfg: dict, cgroup: Cgroup | None, timeout: float) -> dict:
+    cmd = [sys.executable, os.path.abspath(__file__), CHILD_FLAG, json.dumps(cfg)]
+    if cgroup is not None:
+        cgroup.reset_max()
+    t0 = time.perf_counter()
+    try:
+        p = subprocess.run(
+            cmd,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            preexec_fn=cgroup.add_self if cgroup is not None else None,
+        )
+    except subprocess.TimeoutExpired:
+        return {"config": cfg["name"], "error": f"timed out after {timeout:g} s"}
+    wall = time.perf_counter() - t0
+    line = next(
+        (x for x in reversed(p.stdout.splitlines()) if x.startswith("RESULT ")), None
+    )
+    if p.returncode != 0 or line is None:
+        tail = (p.stderr or p.stdout).strip().splitlines()[-3:]
+        why = "killed (out of memory in the cgroup?)" if p.returncode < 0 else ""
+        return {
+            "config": cfg["name"],
+            "error": f"exit {p.returncode} {why} " + " | ".join(tail),
+        }
+    out = json.loads(line[len("RESULT ") :])
+    out["wall_s"] = round(wall, 3)
+    if cgroup is not None:
+        out["cgroup_max_usage_bytes"] = cgroup.usage_max()
+    return out
+
+
+def ceiling_fio(path: str, chunk: int, seconds: float) -> float | None:
+    fio = shutil.which("fio")
+    if not fio:
+        return None
+    chunk = min(chunk, os.path.getsize(path) // 4096 * 4096)
+    cmd = [
+        fio,
+        "--name=ceiling",
+        f"--filename={path}",
+        "--readonly",
+        "--rw=read",
+        "--direct=1",
+        f"--bs={chunk}",
+        "--ioengine=libaio",
+        "--iodepth=8",
+        f"--runtime={seconds:g}",
+        "--time_based",
+        "--output-format=json",
+    ]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60)
+    if p.returncode != 0:
+        print(
+            f"fio failed ({p.stderr.strip()[:200]}); using mer's reader",
+            file=sys.stderr,
+        )
+        return None
+    data = json.loads(p.stdout[p.stdout.index("{") :])
+    return data["jobs"][0]["read"]["bw_bytes"] / 1e9
+
+
+def ceiling_reader(path: str, chunk: int, seconds: float, depth: int = 8) -> float:
+    """Sequential O_DIRECT reads of ``path`` with mer's reader, ``depth`` threads,
+    ``chunk``-byte requests, wrapping around the file for ``seconds``."""
+    from mer_cli.io import ExtentReader, SlabPool
+    from mer_cli.io.reader import DEMAND
+
+    size = os.path.getsize(path) // 4096 * 4096
+    chunk = min(chunk, size) // 4096 * 4096
+    slabs = SlabPool(chunk, 2 * depth)
+    reader = ExtentReader([path], threads=depth, chunk_size=chunk)
+    try:
+        pending, off, n, i = [], 0, 0, 0
+        t0 = time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            while len(pending) < 2 * depth:
+                if off + chunk > size:
+                    off = 0
+                req = reader.submit(
+                    0, off, chunk, slabs.slabs[i % (2 * depth)], priority=DEMAND
+                )
+                pending.append(req)
+                off, i = off + chunk, i + 1
+            pending.pop(0).result()
+            n += chunk
+        for r in pending:
+            r.result()
+            n += chunk
+        dt = time.perf_counter() - t0
+    finally:
+        reader.close()
+        slabs.close()
+    return n / dt / 1e9
+
+
+def make_warm_store(quant: dict, tmp: Path) -> str:
+    """A tiny store with the big one's encodings, for the JIT warm-up."""
+    from mer_cli.quantize import quantize
+    from mer_cli.synth import write_checkpoint
+
+    ck = write_checkpoint("tiny-mixtral", tmp / "warm-ck")
+    return str(
+        quantize(
+            ck,
+            tmp / "warm.mer",
+            experts=quant.get("experts", "q4"),
+            dense=quant.get("dense", "q8"),
+            progress=False,
+        )
+    )
+
+
+def fmt(v, spec=".3f", unit="") -> str:
+    return "-" if v is None else f"{v:{spec}}{unit}"
+
+
+def main() -> None:
+    from mer_cli.formats.store import Store
+    from mer_cli.io.reader import DEFAULT_CHUNK, DEFAULT_THREADS
+    from mer_cli.memory import available_memory
+    from mer_cli.sources import largest_experts_file
+    from mer_cli.units import format_size, parse_size
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--store", required=True, help="mer store to stream")
+    ap.add_argument("--gguf", help="GGUF Q4_0 of the same model, for llama.cpp")
+    ap.add_argument("--limit", default="4GiB", help="cgroup memory limit")
+    ap.add_argument("--tokens", type=int, default=16, help="tokens to generate")
+    ap.add_argument(
+        "--prompt", default="The history of the Roman empire begins", help="prompt"
+    )
+    ap.add_argument("--timeout", type=float, default=900, help="seconds per config")
+    ap.add_argument(
+        "--ram-budget", help="expert slots [default: limit - dense - KV - 512MiB]"
+    )
+    ap.add_argument("--io-threads", type=int, default=DEFAULT_THREADS)
+    ap.add_argument("--chunk", default=str(DEFAULT_CHUNK), help="bytes per read")
+    ap.add_argument("--threads", type=int, help="compute threads [default: all]")
+    ap.add_argument("--ctx", type=int, default=512)
+    ap.add_argument("--switch-interval", type=float, help="sys.setswitchinterval")
+    ap.add_argument("--ceiling-seconds", type=float, default=10.0)
+    ap.add_argument(
+        "--no-cgroup",
+        action="store_true",
+        help="dry run: no cgroup (and no drop_caches unless root)",
+    )
+    ap.add_argument("--no-resident", action="store_true", help="skip the resident run")
+    ap.add_argument("--json", help="also write every result to this file")
+    args = ap.parse_args()
+
+    root = os.geteuid() == 0
+    if not args.no_cgroup and not root:
+        sys.exit(
+            "benchmarks/stream.py needs root: it creates a cgroup v1 memory group "
+            "and drops the page cache. Run it with sudo, or pass --no-cgroup for a "
+            "dry run without the memory limit"
+        )
+    store = Store.open(args.store)
+    limit = parse_size(args.limit, what="--limit")
+    chunk = parse_size(args.chunk, what="--chunk")
+    cfg = store.model
+    kv_bytes = 2 * cfg.num_layers * args.ctx * cfg.num_kv_heads * cfg.head_dim * 4
+    dense = store.dense_bytes_total
+    if args.ram_budget:
+        budget = parse_size(args.ram_budget, what="--ram-budget")
+    else:
+        budget = limit - dense - kv_bytes - OVERHEAD
+    if budget < store.extent_nbytes:
+        sys.exit(
+            f"--limit {args.limit} leaves {format_size(max(budget, 0))} for experts "
+            f"after the dense weights ({format_size(dense)}), the KV cache and "
+            f"{format_size(OVERHEAD)} overhead; one expert needs "
+            f"{format_size(store.extent_nbytes)}: raise --limit or pass --ram-budget"
+        )
+    files = list(store.file_paths)
+    experts_file = largest_experts_file(store)
+    print(
+        f"store {args.store}: {format_size(store.expert_bytes_total)} of experts "
+        f"({len(store.experts)} x {format_size(store.extent_nbytes)}), dense "
+        f"{format_size(dense)}; limit {format_size(limit)}, budget "
+        f"{format_size(budget)}, {args.tokens} tokens",
+        flush=True,
+    )
+
+    cgroup = None
+    ceil = None
+    results: list[dict] = []
+    drop_all = root and not args.no_cgroup  # a dry run only drops the store's pages
+    tmp = Path(tempfile.mkdtemp(prefix="mer-stream-bench-"))
+    try:
+        warm = make_warm_store(store.quantization, tmp)
+        base = {
+            "store": str(args.store),
+            "prompt": args.prompt,
+            "tokens": args.tokens,
+            "ctx": args.ctx,
+            "threads": args.threads,
+            "warm": warm,
+            "io_threads": args.io_threads,
+            "chunk": chunk,
+            "ram_budget": budget,
+            "switch_interval": args.switch_interval,
+        }
+        # the numba cache is filled once here, so children only load it
+        subprocess.run(
+            [sys.executable, os.path.abspath(__file__), CHILD_FLAG,
+             json.dumps({**base, "store": warm, "mode": "resident", "name": "jit",
+                         "tokens": 2})],
+            check=True, capture_output=True, timeout=args.timeout,
+        )  # fmt: skip
+
+        # 1. compute reference, outside the cgroup
+        fits = store.expert_bytes_total + dense < 0.8 * available_memory()
+        if not args.no_resident and fits:
+            drop_caches(files, drop_all)
+            results.append(
+                run_child(
+                    {**base, "mode": "resident", "name": "resident"}, None, args.timeout
+                )
+            )
+        elif not args.no_resident:
+            print("resident run skipped: the store does not fit in memory", flush=True)
+
+        # 2. the drive's ceiling
+        drop_caches(files, drop_all)
+        ceil = ceiling_fio(experts_file, chunk, args.ceiling_seconds)
+        ceil_from = "fio libaio QD8"
+        if ceil is None:
+            ceil = ceiling_reader(experts_file, chunk, args.ceiling_seconds)
+            ceil_from = "mer reader 8 threads"
+        print(
+            f"ceiling: {ceil:.3f} GB/s ({ceil_from}, {format_size(chunk)} reads)",
+            flush=True,
+        )
+
+        if not args.no_cgroup:
+            cgroup = Cgroup(f"mer-stream-bench-{os.getpid()}", limit)
+        configs = [
+            {**base, "mode": "stream", "name": "stream"},
+            {**base, "mode": "stream-noprefetch", "name": "stream-noprefetch"},
+            {**base, "mode": "mmap", "name": "mmap"},
+        ]
+        if args.gguf:
+            configs.append(
+                {**base, "mode": "llama", "name": "llama.cpp", "gguf": args.gguf}
+            )
+        for c in configs:
+            drop_caches(files + ([Path(args.gguf)] if args.gguf else []), drop_all)
+            print(f"running {c['name']} ...", flush=True)
+            results.append(run_child(c, cgroup, args.timeout))
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+    finally:
+        if cgroup is not None:
+            cgroup.remove()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    report(results, ceil, args, budget)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"args": vars(args), "results": results}, f, indent=1)
+
+
+def report(results: list[dict], ceil: float | None, args, budget: int) -> None:
+    by = {r["config"]: r for r in results}
+    ref = by.get("resident")
+    # compute time per token: resident decode, else the streamed stall-free time
+    compute = None
+    compute_from = None
+    if ref and ref.get("decode_tok_s"):
+        compute, compute_from = (
+            1 / ref["decode_tok_s"],
+            "resident run outside the cgroup",
+        )
+    elif by.get("stream", {}).get("io"):
+        s = by["stream"]
+        if s.get("decode_tokens"):
+            stall = s["io"]["decode_stall_s"]
+            compute = (s["decode_s"] - stall) / s["decode_tokens"]
+            compute_from = "stall-free time of the streamed run"
+    print()
+    head = (
+        f"{'config':18} {'tok/s':>8} {'s/tok':>8} {'read GB/s':>9} {'wall GB/s':>9} "
+        f"{'of ceil':>7} {'wall %':>7} {'stalled':>7} {'tok/max':>7} {'hit':>6} {'GB/tok':>7}"
+    )
+    print(head)
+    print("-" * len(head))
+    for r in results:
+        if "error" in r:
+            print(f"{r['config']:18} error: {r['error']}")
+            continue
+        n = r.get("decode_tokens") or 0
+        tps = r.get("decode_tok_s")
+        spt = 1 / tps if tps else None
+        io = r.get("io") or {}
+        dec_bytes = io.get("decode_bytes_read", r.get("proc_read_bytes_decode", 0))
+        gb_tok = dec_bytes / n / 1e9 if n else None
+        read_gbps = io.get("decode_read_gbps")
+        wall_gbps = dec_bytes / r["decode_s"] / 1e9 if r.get("decode_s") else None
+        share = read_gbps / ceil if ceil and read_gbps else None
+        wall_share = wall_gbps / ceil if ceil and wall_gbps else None
+        io_time = gb_tok / ceil if ceil and gb_tok is not None else None
+        bound = max(x for x in (io_time, compute, 0.0) if x is not None)
+        ratio = spt / bound if spt and bound else None
+        print(
+            f"{r['config']:18} {fmt(tps, '.3f'):>8} {fmt(spt, '.3f'):>8} "
+            f"{fmt(read_gbps):>9} {fmt(wall_gbps):>9} "
+            f"{fmt(share and 100 * share, '.1f', '%'):>7} "
+            f"{fmt(wall_share and 100 * wall_share, '.1f', '%'):>7} "
+            f"{fmt(io.get('decode_stall_share') and 100 * io['decode_stall_share'], '.1f', '%'):>7} "
+            f"{fmt(ratio, '.2f'):>7} {fmt(io.get('hit_rate') and 100 * io['hit_rate'], '.0f', '%'):>6} "
+            f"{fmt(gb_tok, '.3f'):>7}"
+        )  # fmt: skip
+    print()
+    print(
+        f"ceiling {fmt(ceil)} GB/s; compute {fmt(compute, '.4f')} s/token ({compute_from})"
+    )
+    print(
+        "read GB/s: decode bytes / time reads were in flight (mer only); wall GB/s: "
+        "decode bytes (mer's reads, else /proc/self/io read_bytes) / decode time; "
+        "of ceil, wall %: those / ceiling; stalled: decode time waiting for reads; "
+        "tok/max: token time / max(bytes per token / ceiling, compute per token)"
+    )
+    ours = by.get("stream", {}).get("decode_tok_s")
+    for other in ("llama.cpp", "mmap", "stream-noprefetch"):
+        theirs = by.get(other, {}).get("decode_tok_s")
+        if ours and theirs:
+            print(f"stream / {other}: {ours / theirs:.2f}x decode tok/s")
+    texts = {r["config"]: r.get("text") for r in results if r.get("text") is not None}
+    if len(set(texts.values())) > 1:
+        print("WARNING: mer configurations produced different text:", texts)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == CHILD_FLAG:
+        child_main(sys.argv[2])
+    else:
+        main()
