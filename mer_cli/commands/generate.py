@@ -51,7 +51,9 @@ import click
 )
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per prompt.")
 @click.option(
-    "--stats", is_flag=True, help="Print tok/s and time to first token on stderr."
+    "--stats",
+    is_flag=True,
+    help="Print tok/s, time to first token, expert I/O and peak RSS on stderr.",
 )
 @click.option("--threads", type=int, help="Compute threads [default: all cores].")
 @click.option(
