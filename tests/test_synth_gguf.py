@@ -234,3 +234,19 @@ def test_cli_writes_gguf_and_refuses_bad_options(tmp_path):
     )
     assert r.exit_code == 2 and "is a directory" in r.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf"]  # no temp left
+
+
+def test_interrupted_write_leaves_nothing(tmp_path, monkeypatch):
+    calls = []
+
+    def fail_third(*args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*args)
+
+    real = synth_gguf.q4_0_blocks
+    monkeypatch.setattr(synth_gguf, "q4_0_blocks", fail_third)
+    with pytest.raises(KeyboardInterrupt):
+        synth_gguf.write_gguf("tiny-mixtral", tmp_path / "m.gguf")
+    assert list(tmp_path.iterdir()) == []
