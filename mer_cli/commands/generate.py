@@ -157,6 +157,7 @@ def command(
       mer generate --model mixtral.mer --prompt "Hi" --ram-budget 4GiB --stats
     """
     from mer_cli.config import load_config
+    from mer_cli.formats.store import Store
     from mer_cli.generate import GenerateOptions, generate_many, load, read_prompts
     from mer_cli.sources import SourceOptions, open_source, plan_source, read_ceiling
 
@@ -189,25 +190,20 @@ def command(
         prefetch=prefetch,
         verify_checksums=verify_checksums,
     )
-    plan = None
-
-    def make_source(store):
-        nonlocal plan
-        plan = plan_source(store, source_options, cfg)
-        return open_source(store, plan)
-
+    store = Store.open(model)
+    plan = plan_source(store, source_options, cfg)
+    ceiling = None
+    if stats or as_json:  # before the slots exist: its buffers never add to them
+        ceiling = read_ceiling(store, plan, measure=not no_io_measure)
     engine, tok = load(
         model,
         ctx=ctx,
         kv_dtype=kv_dtype,
         threads=cfg.threads if threads is None else threads,
-        source=make_source,
+        source=lambda st: open_source(st, plan),
     )
     out = sys.stdout
     try:
-        ceiling = None
-        if stats or as_json:
-            ceiling = read_ceiling(engine.store, plan, measure=not no_io_measure)
         for c in generate_many(engine, tok, prompts, options, ceiling):
             try:
                 for piece in c:
