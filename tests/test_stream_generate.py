@@ -335,3 +335,37 @@ def test_rss_stays_within_budget_dense_kv_and_overhead(store, geometry):
     overhead = m["peak"] - m["base"] - (m["budget"] + m["dense"] + m["kv"])
     # generous bound on a noisy shared machine; measured ~1-3 MiB here
     assert overhead < 32 * 2**20, m
+
+
+def _mapped_rss_kib(path_part: str) -> int:
+    """RSS (KiB) of this process's mappings of files whose path contains
+    ``path_part``, from /proc/self/smaps."""
+    total, cur = 0, ""
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            parts = line.split()
+            if parts and not parts[0].endswith(":"):
+                cur = parts[5] if len(parts) >= 6 else ""
+            elif parts[0] == "Rss:" and path_part in cur:
+                total += int(parts[1])
+    return total
+
+
+@pytest.mark.parametrize("stream", [True, False], ids=["streamed", "resident"])
+def test_store_maps_do_not_stay_in_rss(store, geometry, stream):
+    """The engine copies dense weights (and resident experts) out of the store's
+    memory maps; the mapped pages must not stay counted in the RSS too."""
+    ext, _, _ = geometry
+    opts = SourceOptions(ram_budget=2 * ext, stream=stream)
+    eng, tok = load(
+        store,
+        ctx=64,
+        source=lambda s: open_source(s, plan_source(s, opts, Config(), profile=None)),
+    )
+    try:
+        assert eng.store._maps  # the dense weights came through a map
+        generate(eng, tok, PROMPT, GenerateOptions(max_tokens=4))
+        # norms may be views into the map: at most a few pages come back
+        assert _mapped_rss_kib(str(store)) <= 16
+    finally:
+        eng.close()
