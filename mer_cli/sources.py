@@ -36,11 +36,12 @@ from mer_cli.units import format_size
 QUICK_SECONDS = 0.5  # duration of the quick read measurement
 ALIGN = 4096
 # sys.setswitchinterval while streaming; None leaves Python's 5 ms. Measured on a
-# 4-layer store (4.9 MB extents, half of them in the budget, 64 tokens, 2 busy
-# shared cores): 5 ms, 1 ms, 0.5 ms and 0.1 ms all gave 6-65 tok/s and 0.3-1.9
-# GB/s with no consistent order between settings (the kernels release the GIL,
-# so reader threads rarely wait for it). benchmarks/stream.py --switch-interval
-# measures it again on a large model.
+# 4-layer D=1024 store (4.9 MB extents, half in the budget, 64 greedy tokens,
+# --threads 1, 3 runs x 3 rounds alternated, shared 2-core machine): 5 ms 39-50
+# tok/s (reads 1.0-1.35 GB/s), 1 ms 43-54 (1.2-1.7), 0.1 ms 33-57 (0.9-1.8): no
+# consistent gain; run-to-run drift of the shared disk dominates. The kernels
+# release the GIL, so reader threads rarely wait for it. benchmarks/stream.py
+# --switch-interval measures it again on a large model.
 SWITCH_INTERVAL: float | None = None
 
 
