@@ -224,6 +224,10 @@ class Cgroup:
         self.path = CGROUP_ROOT / name
         self.path.mkdir(exist_ok=True)
         (self.path / "memory.limit_in_bytes").write_text(str(limit))
+        try:  # no swapping instead of reclaiming: the limit means DRAM
+            (self.path / "memory.swappiness").write_text("0")
+        except OSError:
+            pass
         self.limit = int((self.path / "memory.limit_in_bytes").read_text())
 
     def add_self(self) -> None:
@@ -447,6 +451,7 @@ def main() -> None:
         )
     files = list(store.file_paths)
     experts_file = largest_experts_file(store)
+    print("command: " + " ".join([sys.executable, *sys.argv]))
     print(
         f"store {args.store}: {format_size(store.expert_bytes_total)} of experts "
         f"({len(store.experts)} x {format_size(store.extent_nbytes)}), dense "
