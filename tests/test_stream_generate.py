@@ -369,3 +369,35 @@ def test_store_maps_do_not_stay_in_rss(store, geometry, stream):
         assert _mapped_rss_kib(str(store)) <= 16
     finally:
         eng.close()
+
+
+def test_cli_uses_the_drive_profile_from_the_config(store, geometry, tmp_path):
+    from mer_cli.io_profile import (
+        BufferedReads,
+        DeviceInfo,
+        Profile,
+        RandomReads,
+        ReaderSettings,
+        SequentialCell,
+        save_profile,
+    )
+
+    ext, _, _ = geometry
+    prof = Profile(
+        device=DeviceInfo(id="0:0", kind="file", span_bytes=1 << 30, duration_s=1.0),
+        reader=ReaderSettings(threads=3, chunk_bytes=1 << 20, best_read_gbps=2.5),
+        sequential=[SequentialCell(1 << 20, 3, 2.5)],
+        random=RandomReads(1e4, 50.0, 100.0, 5e4, 200.0, 600.0),
+        buffered=BufferedReads(1.0, 2.5, 1 << 20, 3),
+    )
+    ppath = save_profile(prof, tmp_path / "drive.toml")
+    conf = tmp_path / "config.toml"
+    conf.write_text(f'io_profile = "{ppath}"\n')
+    r = run_cli(
+        "--model", str(store), "--prompt", PROMPT, "--max-tokens", "4", "--json",
+        "--ram-budget", str(2 * ext), "--config", str(conf),
+    )  # fmt: skip
+    assert r.exit_code == 0, r.output
+    io = json.loads(r.output)["stats"]["io"]
+    assert io["ceiling_gbps"] == 2.5 and io["ceiling_from"] == f"profile {ppath}"
+    assert io["read_share_of_ceiling"] == pytest.approx(io["read_gbps"] / 2.5, 1e-2)
