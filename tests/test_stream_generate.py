@@ -400,4 +400,6 @@ def test_cli_uses_the_drive_profile_from_the_config(store, geometry, tmp_path):
     assert r.exit_code == 0, r.output
     io = json.loads(r.output)["stats"]["io"]
     assert io["ceiling_gbps"] == 2.5 and io["ceiling_from"] == f"profile {ppath}"
-    assert io["read_share_of_ceiling"] == pytest.approx(io["read_gbps"] / 2.5, 1e-2)
+    assert io["read_share_of_ceiling"] == pytest.approx(
+        io["read_gbps"] / 2.5, rel=1e-2, abs=2e-4
+    )
