@@ -159,8 +159,21 @@ def child_mer(cfg: dict) -> dict:
 
 
 def child_llama(cfg: dict) -> dict:
+    import llama_cpp.llama_cpp as capi
     import numpy as np
     from llama_cpp import Llama
+
+    # llama.cpp repacks Q4_0 into anonymous memory at load (CPU_REPACK), which
+    # cannot work when the model is larger than the limit (the cgroup OOM-kills
+    # it); without repacking it reads the weights through mmap, as `-nr` does
+    default_params = capi.llama_model_default_params
+
+    def no_repack():
+        p = default_params()
+        p.use_extra_bufts = False
+        return p
+
+    capi.llama_model_default_params = no_repack
 
     t0 = time.perf_counter()
     llm = Llama(
@@ -417,6 +430,13 @@ def main() -> None:
     ap.add_argument("--switch-interval", type=float, help="sys.setswitchinterval")
     ap.add_argument("--ceiling-seconds", type=float, default=10.0)
     ap.add_argument(
+        "--skip",
+        action="append",
+        default=[],
+        choices=["stream", "stream-noprefetch", "mmap", "llama.cpp"],
+        help="leave this configuration out (repeatable)",
+    )
+    ap.add_argument(
         "--no-cgroup",
         action="store_true",
         help="dry run: no cgroup (and no drop_caches unless root)",
@@ -531,6 +551,7 @@ def main() -> None:
             configs.append(
                 {**base, "mode": "llama", "name": "llama.cpp", "gguf": args.gguf}
             )
+        configs = [c for c in configs if c["name"] not in args.skip]
         for c in configs:
             drop_caches(files + ([Path(args.gguf)] if args.gguf else []), drop_all)
             print(f"running {c['name']} ...", flush=True)
