@@ -406,8 +406,9 @@ def export_gguf(
     import gguf
     from tqdm import tqdm
 
+    from mer_cli.convert import run_ordered
     from mer_cli.gguf_tokenizer import gguf_tokenizer_metadata
-    from mer_cli.hf_import import read_config, run_ordered
+    from mer_cli.hf_import import read_config
 
     if qtype not in QTYPES:
         raise UsageError(f"GGUF type is {qtype!r}, expected one of {', '.join(QTYPES)}")

@@ -45,7 +45,6 @@ import numpy as np
 
 from mer_cli.errors import FormatError, UnsupportedError
 from mer_cli.formats import quant
-from mer_cli.formats.store import StoreWriter
 from mer_cli.models.config import ModelConfig
 
 # llama.cpp architecture -> mer architecture
@@ -58,7 +57,6 @@ ARCHS = {
 # whether the top-k router weights are renormalized, as llama.cpp builds each arch
 NORM_TOPK = {"llama": True, "qwen2moe": False, "qwen3moe": True, "olmoe": False}
 CHUNK_ELEMS = 1 << 22  # elements decoded per step (16 MiB of f32)
-INFLIGHT_BYTES = 1 << 30  # encoded bytes between the converter threads and the writer
 _MISSING = object()
 
 
@@ -739,8 +737,8 @@ def quantize_gguf(
         a truncated or malformed file, ``UnsupportedError`` for an architecture or
         tensor type mer does not read.
     """
+    from mer_cli.convert import write_store
     from mer_cli.gguf_tokenizer import tokenizer_from_gguf
-    from mer_cli.hf_import import run_ordered
     from mer_cli.quantize import check_options
 
     check_options(
@@ -765,49 +763,34 @@ def quantize_gguf(
         "file_type": g.get("general.file_type", None),
         "tensor_types": types,
     }
-    from tqdm import tqdm
 
-    with (
-        StoreWriter(
-            out,
-            cfg,
-            expert_dtype=experts,
-            dense_dtype=dense,
-            tokenizer=tok_info,
-            source=source,
-            force=force,
-            max_file_size=max_file_size,
-        ) as writer,
-        tqdm(
-            total=total,
-            unit="B",
-            unit_scale=True,
-            unit_divisor=1024,
-            desc="quantize",
-            disable=not progress,
-            smoothing=0.05,
-        ) as bar,
-    ):
-        writer.add_file("tokenizer.json", tok_bytes)
-        inflight = max(2, min(2 * threads, INFLIGHT_BYTES // writer.extent_nbytes))
-        parts = writer.parts
+    def encode(it: DenseItem | ExpertItem, parts):
+        if isinstance(it, DenseItem):
+            return lambda: encode_srcs(g, it.srcs, it.dtype, it.shape)
+        return lambda: {
+            "gate_up": encode_srcs(g, it.gate_up, experts, parts["gate_up"].shape),
+            "down": encode_srcs(g, it.down, experts, parts["down"].shape),
+        }
 
-        def job(it: DenseItem | ExpertItem):
-            if isinstance(it, DenseItem):
-                return lambda: encode_srcs(g, it.srcs, it.dtype, it.shape)
-            return lambda: {
-                "gate_up": encode_srcs(g, it.gate_up, experts, parts["gate_up"].shape),
-                "down": encode_srcs(g, it.down, experts, parts["down"].shape),
-            }
+    def finished(it: DenseItem | ExpertItem) -> int:
+        for s in _srcs(it):
+            g.release(s.tensor, s.index)
+        return sum(s.nbytes for s in _srcs(it))
 
-        def consume(it: DenseItem | ExpertItem, result: Any) -> None:
-            if isinstance(it, DenseItem):
-                writer.add_dense(it.name, result, it.dtype, it.shape)
-            else:
-                writer.add_expert(it.layer, it.expert, result)
-            for s in _srcs(it):
-                g.release(s.tensor, s.index)
-                bar.update(s.nbytes)
-
-        run_ordered(((it, job(it)) for it in items), consume, threads, inflight)
-        return writer.commit()
+    return write_store(
+        out,
+        cfg,
+        items,
+        encode=encode,
+        finished=finished,
+        total_bytes=total,
+        tokenizer=tok_info,
+        tokenizer_json=tok_bytes,
+        source=source,
+        experts=experts,
+        dense=dense,
+        force=force,
+        threads=threads,
+        progress=progress,
+        max_file_size=max_file_size,
+    )

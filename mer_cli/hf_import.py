@@ -23,19 +23,17 @@ from __future__ import annotations
 
 import json
 import os
-from collections import deque
-from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from mer_cli.convert import write_store
 from mer_cli.errors import FormatError, UnsupportedError
 from mer_cli.formats import quant
 from mer_cli.formats.safetensors import FLOAT_DTYPES, Checkpoint, to_f32
-from mer_cli.formats.store import StoreWriter
 from mer_cli.kernels.quantize import quantize_rows
 from mer_cli.models.config import ModelConfig, from_hf_config
 from mer_cli.quantize import check_options
@@ -43,7 +41,6 @@ from mer_cli.quantize import check_options
 # Elements converted per step: bounds the f32 temporaries of one job (16 MiB).
 CHUNK_ELEMS = 1 << 22
 # Encoded bytes allowed in flight between the quantizer threads and the writer.
-INFLIGHT_BYTES = 1 << 30
 # Tensors some checkpoints carry that the model does not need.
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
@@ -578,35 +575,6 @@ def _input_nbytes(ckpt: Checkpoint, piece: Piece) -> int:
     return n // info.shape[0] if piece.index is not None else n
 
 
-def run_ordered(
-    jobs: Iterator[tuple[Any, Callable[[], Any]]],
-    consume: Callable[[Any, Any], None],
-    threads: int,
-    inflight: int,
-) -> None:
-    """Run ``jobs`` on a thread pool; ``consume(key, result)`` in order, here.
-
-    At most ``inflight`` results exist at once. On any exception (Ctrl-C
-    included) queued jobs are cancelled and running ones finish before this
-    returns, so nothing touches the inputs afterwards.
-    """
-    pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="mer-quantize")
-    window: deque[tuple[Any, Future]] = deque()
-    try:
-        for key, fn in jobs:
-            window.append((key, pool.submit(fn)))
-            if len(window) >= inflight:
-                k, fut = window.popleft()
-                consume(k, fut.result())
-        while window:
-            k, fut = window.popleft()
-            consume(k, fut.result())
-    finally:
-        for _, fut in window:
-            fut.cancel()
-        pool.shutdown(wait=True, cancel_futures=True)
-
-
 # ================================================================ entry point
 
 
@@ -650,45 +618,28 @@ def quantize_hf(
             {ckpt.info(p.name).dtype for it in items for p in _pieces(it)}
         ),
     }
-    from tqdm import tqdm
 
-    with (
-        StoreWriter(
-            out,
-            cfg,
-            expert_dtype=experts,
-            dense_dtype=dense,
-            tokenizer=tok_info,
-            source=source,
-            force=force,
-            max_file_size=max_file_size,
-        ) as writer,
-        tqdm(
-            total=total,
-            unit="B",
-            unit_scale=True,
-            unit_divisor=1024,
-            desc="quantize",
-            disable=not progress,
-            smoothing=0.05,
-        ) as bar,
-    ):
-        writer.add_file("tokenizer.json", tok_bytes)
-        inflight = max(2, min(2 * threads, INFLIGHT_BYTES // writer.extent_nbytes))
+    def finished(item: DenseSpec | ExpertSpec) -> int:
+        n = 0
+        for p in _pieces(item):
+            ckpt.release(p.name, p.index)
+            n += _input_nbytes(ckpt, p)
+        return n
 
-        def consume(item: DenseSpec | ExpertSpec, result: Any) -> None:
-            if isinstance(item, DenseSpec):
-                writer.add_dense(item.name, result, item.dtype, item.shape)
-            else:
-                writer.add_expert(item.layer, item.expert, result)
-            for p in _pieces(item):
-                ckpt.release(p.name, p.index)
-                bar.update(_input_nbytes(ckpt, p))
-
-        run_ordered(
-            ((it, _job(ckpt, it, experts, writer.parts)) for it in items),
-            consume,
-            threads,
-            inflight,
-        )
-        return writer.commit()
+    return write_store(
+        out,
+        cfg,
+        items,
+        encode=lambda it, parts: _job(ckpt, it, experts, parts),
+        finished=finished,
+        total_bytes=total,
+        tokenizer=tok_info,
+        tokenizer_json=tok_bytes,
+        source=source,
+        experts=experts,
+        dense=dense,
+        force=force,
+        threads=threads,
+        progress=progress,
+        max_file_size=max_file_size,
+    )

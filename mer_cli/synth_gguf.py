@@ -210,9 +210,9 @@ def write_gguf(
     import gguf
     from tqdm import tqdm
 
+    from mer_cli.convert import run_ordered
     from mer_cli.gguf_export import GGUF_ARCH, _add, model_metadata
     from mer_cli.gguf_tokenizer import gguf_tokenizer_metadata
-    from mer_cli.hf_import import run_ordered
     from mer_cli.synth import _write_tokenizer, get_preset, plan
 
     p = get_preset(preset) if isinstance(preset, str) else preset
