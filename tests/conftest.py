@@ -17,6 +17,7 @@ import os
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import json  # noqa: E402
+import signal  # noqa: E402
 from pathlib import Path
 from typing import Any
 
@@ -385,3 +386,12 @@ def hf_checkpoint(tmp_path):
         return make_hf_checkpoint(tmp_path / f"{arch}-{next(counter)}", arch, **kw)
 
     return make
+
+
+def default_sigint() -> None:
+    """``preexec_fn`` for CLI subprocesses that a test interrupts with SIGINT.
+
+    A shell without job control starts background commands with SIGINT
+    ignored, and Python keeps an ignored SIGINT ignored; CI may run us that way.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import EOS, make_hf_checkpoint
+from conftest import EOS, default_sigint, make_hf_checkpoint
 
 from mer_cli.cli import cli
 from mer_cli.generate import (
@@ -336,6 +336,7 @@ def _mer(*args: str, **kw) -> subprocess.Popen:
         [sys.executable, "-m", "mer_cli", *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
+        preexec_fn=default_sigint,
         **kw,
     )
 

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from conftest import default_sigint
 
 from mer_cli.cli import cli
 from mer_cli.config import Config
@@ -433,6 +434,7 @@ def test_interrupted_run_removes_the_test_file(tmp_path, sig, phase, code):
         [sys.executable, "-m", "mer_cli", "profile-ssd", str(d)]
         + ["--size", "64MiB", "--duration", "60"],
         env=env,
+        preexec_fn=default_sigint,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

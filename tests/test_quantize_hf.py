@@ -24,6 +24,7 @@ from conftest import (
     ENDOFTEXT,
     EOS,
     IM_END,
+    default_sigint,
     hf_config,
     hf_weights,
     make_hf_checkpoint,
@@ -555,6 +556,7 @@ def _start(src: Path, out: Path) -> subprocess.Popen:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=default_sigint,
     )  # fmt: skip
 
 
