@@ -281,8 +281,9 @@ def _print_io(s: dict, io: dict) -> None:
         err=True,
     )
     click.echo(
-        f"hit rate {pct(io.get('hit_rate'))} (LRU {pct(io.get('hit_rate_lru'))}, "
-        f"Belady MIN {pct(io.get('hit_rate_belady'))}); prefetch precision "
+        f"hit rate {pct(io.get('hit_rate'))} with prefetch; without prefetch on "
+        f"the same requests LRU {pct(io.get('hit_rate_lru'))}, "
+        f"Belady MIN {pct(io.get('hit_rate_belady'))}; prefetch precision "
         f"{pct(io.get('prefetch_precision'))}, recall "
         f"{pct(io.get('prefetch_recall'))}",
         err=True,
