@@ -28,6 +28,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "Convert a Hugging Face checkpoint directory or a GGUF file into a store.",
     ),
     "generate": ("generate", "Generate text from a prompt, streamed as tokens come."),
+    "trace": ("trace", "Record the router's choices for every token and layer."),
     "synth": (
         "synth",
         "Write a synthetic Hugging Face checkpoint of a preset's shapes.",

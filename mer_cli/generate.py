@@ -376,22 +376,22 @@ class _StopMatcher:
         return buf[: len(buf) - keep], False
 
 
-def read_prompts(path: str | Path) -> list[str]:
+def read_prompts(path: str | Path, option: str = "--prompts-file") -> list[str]:
     """Prompts from a file: one per line, or JSON Lines with a ``"prompt"`` field
     (a file whose first non-blank line starts with ``{`` is read as JSONL).
-    Blank lines are skipped."""
+    Blank lines are skipped. ``option`` names the file in error messages."""
     import json
 
     p = Path(path)
     try:
         lines = p.read_text(encoding="utf-8").splitlines()
     except FileNotFoundError:
-        raise UsageError(f"--prompts-file {p}: no such file") from None
+        raise UsageError(f"{option} {p}: no such file") from None
     except UnicodeDecodeError as e:
-        raise UsageError(f"--prompts-file {p}: not UTF-8 text ({e})") from None
+        raise UsageError(f"{option} {p}: not UTF-8 text ({e})") from None
     nonblank = [(i, s) for i, s in enumerate(lines, 1) if s.strip()]
     if not nonblank:
-        raise UsageError(f"--prompts-file {p}: the file has no prompts")
+        raise UsageError(f"{option} {p}: the file has no prompts")
     if not nonblank[0][1].lstrip().startswith("{"):
         return [s for _, s in nonblank]
     out = []
@@ -400,12 +400,12 @@ def read_prompts(path: str | Path) -> list[str]:
             obj = json.loads(s)
         except json.JSONDecodeError as e:
             raise UsageError(
-                f"--prompts-file {p}: line {i} is not valid JSON ({e.msg}); "
+                f"{option} {p}: line {i} is not valid JSON ({e.msg}); "
                 'write one {"prompt": "..."} object per line, or plain lines'
             ) from None
         if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str):
             raise UsageError(
-                f"--prompts-file {p}: line {i} has no string field 'prompt'; "
+                f"{option} {p}: line {i} has no string field 'prompt'; "
                 'write one {"prompt": "..."} object per line'
             )
         out.append(obj["prompt"])

@@ -14,7 +14,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -50,6 +50,19 @@ PREFILL_CHUNK = 2048  # most prompt tokens in one batched forward pass
 
 # (layer, hidden [T, D] entering the MoE block, ids [T, K], weights [T, K])
 RouteHook = Callable[[int, np.ndarray, np.ndarray, np.ndarray], None]
+
+
+class MoeEvent(NamedTuple):
+    """What ``Engine.moe_hook`` receives after each MoE router (T tokens, D
+    model, K active experts)."""
+
+    layer: int
+    start: int  # position of tokens[0]
+    tokens: np.ndarray  # int64 [T], the token ids of this forward pass
+    residual: np.ndarray  # f32 [T, D], the residual stream entering the MoE block
+    normed: np.ndarray  # f32 [T, D], after ffn_norm: what the router sees
+    ids: np.ndarray  # int64 [T, K], selected experts
+    weights: np.ndarray  # f32 [T, K], their mixing weights
 
 
 def architecture(cfg: ModelConfig) -> Architecture:
@@ -108,6 +121,8 @@ class Engine:
         Keep the experts each layer chose, per forward pass, in ``routing``.
     route_hook : callable, optional
         Called as ``hook(layer, hidden, ids, weights)`` after each MoE router.
+    moe_hook : callable, optional
+        Called as ``hook(MoeEvent(...))`` after each MoE router (``mer trace``).
     """
 
     def __init__(
@@ -120,6 +135,7 @@ class Engine:
         threads: int | None = None,
         record_routing: bool = False,
         route_hook: RouteHook | None = None,
+        moe_hook: Callable[[MoeEvent], None] | None = None,
     ) -> None:
         self.store = store
         self.cfg = cfg = store.model
@@ -147,6 +163,7 @@ class Engine:
         self.cache = KVCache(cfg, ctx, kv_dtype)
         self.record_routing = record_routing
         self.route_hook = route_hook
+        self.moe_hook = moe_hook
         self.routing: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
         self.timing = Timing(layer_moe_s=[0.0] * cfg.num_layers)
         self.prefill_chunk = PREFILL_CHUNK
@@ -276,6 +293,8 @@ class Engine:
                 rec_ids[i], rec_w[i] = e_ids, e_w
             if self.route_hook is not None:
                 self.route_hook(i, xn, e_ids, e_w)
+            if self.moe_hook is not None:
+                self.moe_hook(MoeEvent(i, start, ids, x, xn, e_ids, e_w))
             x = x + y
         cache.length = start + T
         if rec_ids is not None:

@@ -105,6 +105,12 @@ import click
     "compare the read speed with.",
 )
 @click.option(
+    "--trace-out",
+    type=click.Path(dir_okay=False),
+    metavar="TRACE",
+    help="Also write the routing trace of every token (see mer-trace(5)).",
+)
+@click.option(
     "--config",
     "config_path",
     type=click.Path(dir_okay=False),
@@ -132,6 +138,7 @@ def command(
     prefetch: bool,
     verify_checksums: bool,
     no_io_measure: bool,
+    trace_out: str | None,
     config_path: str | None,
 ) -> None:
     """Generate text from a prompt, streamed to stdout as tokens come.
@@ -202,6 +209,11 @@ def command(
         threads=cfg.threads if threads is None else threads,
         source=lambda st: open_source(st, plan),
     )
+    recorder = None
+    if trace_out:
+        from mer_cli.trace import TraceRecorder
+
+        recorder = TraceRecorder(engine)
     out = sys.stdout
     try:
         for c in generate_many(engine, tok, prompts, options, ceiling):
@@ -213,6 +225,8 @@ def command(
             finally:
                 if c.started:  # also on Ctrl-C: what was generated so far goes out
                     _finish(c.result, as_json, stats)
+        if recorder is not None:
+            recorder.finish().save(trace_out)
     finally:
         engine.close()
 

@@ -1,0 +1,303 @@
+"""Routing trace format v1: what the router did for every token and layer.
+
+A trace is one uncompressed ``.npz`` (a zip of ``.npy`` members), readable with
+``np.load(path, allow_pickle=False)``; no pickled objects. A single file can be
+written atomically (temp name + ``os.replace``), the zip's CRC-32 of every member
+catches corruption, and a truncated file loses its central directory (the
+reader says so). Uncompressed, so its size follows from the shapes:
+:func:`bytes_per_token`.
+
+Shape legend: N tokens, L MoE layers, K active experts, E experts, D model
+width, S sketch width.
+
+======================  ==========  =========================================
+member                  dtype       shape / meaning
+======================  ==========  =========================================
+``meta.json``           uint8       UTF-8 JSON object (:data:`META_FIELDS`)
+``tokens``              int32 [N]   token id fed at that position
+``positions``           int32 [N]   position in its sequence (0 = first)
+``prompt``              int32 [N]   index of the prompt the token belongs to
+``experts``             int16 [N,L,K]  selected experts, in router order
+``weights``             f16 [N,L,K] their mixing weights
+``probs``               f16 [N,L,E] softmax of the router logits (all E)
+``sketch``              f16 [N,L,S] ``residual @ projection``
+``projection``          f32 [D,S]   the Gaussian random projection used
+======================  ==========  =========================================
+
+Tokens are those that went through the model: each prompt's tokens, then each
+generated token that was fed back (the last sampled token is never run, so it
+has no routing and is not in the trace). The residual stream is the hidden
+state entering the MoE block, before its RMS norm.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import zipfile
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mer_cli.errors import FormatError, UsageError
+
+FORMAT = "mer-trace"
+VERSION = 1
+DEFAULT_SKETCH_DIM = 64
+DEFAULT_SKETCH_SEED = 0
+
+# meta.json fields and their JSON types
+META_FIELDS: dict[str, type | tuple[type, ...]] = {
+    "format": str,
+    "version": int,
+    "store_id": str,
+    "arch": str,
+    "num_layers": int,
+    "num_experts": int,
+    "top_k": int,
+    "hidden_size": int,
+    "sketch_dim": int,
+    "sketch_seed": int,
+    "created_by": str,
+}
+# array members: dtype and shape in terms of N and the meta fields
+ARRAYS: dict[str, tuple[np.dtype, tuple[str, ...]]] = {
+    "tokens": (np.dtype(np.int32), ("N",)),
+    "positions": (np.dtype(np.int32), ("N",)),
+    "prompt": (np.dtype(np.int32), ("N",)),
+    "experts": (np.dtype(np.int16), ("N", "num_layers", "top_k")),
+    "weights": (np.dtype(np.float16), ("N", "num_layers", "top_k")),
+    "probs": (np.dtype(np.float16), ("N", "num_layers", "num_experts")),
+    "sketch": (np.dtype(np.float16), ("N", "num_layers", "sketch_dim")),
+    "projection": (np.dtype(np.float32), ("hidden_size", "sketch_dim")),
+}
+# what two traces must share to be merged (same model, same projection)
+MODEL_FIELDS = (
+    "store_id",
+    "arch",
+    "num_layers",
+    "num_experts",
+    "top_k",
+    "hidden_size",
+    "sketch_dim",
+    "sketch_seed",
+)
+
+
+def bytes_per_token(num_layers: int, num_experts: int, top_k: int, sketch: int) -> int:
+    """Bytes one token adds to a trace: 3 int32 + L*K int16 + L*K f16 + L*E f16
+    + L*S f16 (the fixed part -- projection, meta, zip headers -- comes on top).
+
+    Mixtral (L=32, E=8, K=2, S=64): 12 + 128 + 128 + 512 + 4096 = 4876 B.
+    """
+    return 3 * 4 + num_layers * (2 * top_k + 2 * top_k + 2 * num_experts + 2 * sketch)
+
+
+def make_projection(hidden: int, sketch: int, seed: int) -> np.ndarray:
+    """The f32 ``[D, S]`` Gaussian random projection: entries N(0, 1/S) drawn by
+    ``np.random.default_rng(seed).standard_normal((D, S))`` (so a sketch's
+    squared norm estimates the hidden state's)."""
+    if sketch < 1:
+        raise UsageError(f"--sketch-dim {sketch}: expected a whole number >= 1")
+    g = np.random.default_rng(seed).standard_normal((hidden, sketch))
+    return (g / np.sqrt(sketch)).astype(np.float32)
+
+
+@dataclass
+class Trace:
+    """A routing trace in memory (see the module docstring for the members)."""
+
+    meta: dict[str, Any]
+    tokens: np.ndarray
+    positions: np.ndarray
+    prompt: np.ndarray
+    experts: np.ndarray
+    weights: np.ndarray
+    probs: np.ndarray
+    sketch: np.ndarray
+    projection: np.ndarray
+    path: Path | None = field(default=None, compare=False)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.tokens.shape[0])
+
+    @property
+    def num_prompts(self) -> int:
+        return int(self.prompt.max()) + 1 if self.prompt.size else 0
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {name: getattr(self, name) for name in ARRAYS}
+
+    def check(self, where: str = "trace") -> None:
+        """Raise :class:`FormatError` if the meta or any array is inconsistent."""
+        _check_meta(self.meta, where)
+        dims = dict(self.meta, N=self.num_tokens)
+        for name, (dtype, shape) in ARRAYS.items():
+            a = getattr(self, name)
+            want = tuple(dims[d] for d in shape)
+            if a.dtype != dtype or a.shape != want:
+                raise FormatError(
+                    f"{where}: {name} is {a.dtype}{list(a.shape)}, expected "
+                    f"{dtype}{list(want)} (" + ", ".join(shape) + "); "
+                    "the trace is inconsistent: record it again with mer trace"
+                )
+        E = self.meta["num_experts"]
+        if self.experts.size and (self.experts.min() < 0 or self.experts.max() >= E):
+            bad = int(self.experts[(self.experts < 0) | (self.experts >= E)][0])
+            raise FormatError(
+                f"{where}: experts holds {bad}, expected 0..{E - 1} (num_experts)"
+            )
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the trace to ``path`` atomically; returns the path."""
+        self.check(str(path))
+        path = Path(path)
+        meta = json.dumps(self.meta, sort_keys=True).encode()
+        members = {"meta.json": np.frombuffer(meta, np.uint8), **self.arrays()}
+        fd, tmp = tempfile.mkstemp(
+            prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or "."
+        )
+        try:
+            with os.fdopen(fd, "wb") as f:
+                np.savez(f, **members)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        self.path = path
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Trace:
+        """Read and validate a trace file; :class:`FormatError` names the file,
+        the member and the value when something is wrong."""
+        path = Path(path)
+        if not path.is_file():
+            raise UsageError(f"{path}: no such trace file; make one with mer trace")
+        try:
+            z = np.load(path, allow_pickle=False)
+        except zipfile.BadZipFile as e:  # a zip whose end is missing or damaged
+            raise FormatError(
+                f"{path}: corrupt or truncated trace ({e}); record it again "
+                "with mer trace"
+            ) from None
+        except (ValueError, OSError, EOFError) as e:  # not a zip, nor a .npy
+            raise FormatError(
+                f"{path}: not a {FORMAT} file (expected an .npz zip archive: {e}); "
+                "make one with mer trace"
+            ) from None
+        if not isinstance(z, np.lib.npyio.NpzFile):
+            raise FormatError(
+                f"{path}: holds a single .npy array, expected a {FORMAT} .npz "
+                "archive; make one with mer trace"
+            )
+        try:
+            with z:
+                names = set(z.files)
+                if "meta.json" not in names:
+                    raise FormatError(
+                        f"{path}: no meta.json member; not a {FORMAT} file "
+                        "(make one with mer trace)"
+                    )
+                where = f"{path}: meta.json"
+                try:
+                    meta = json.loads(z["meta.json"].tobytes().decode())
+                except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                    raise FormatError(f"{where} is not JSON ({e})") from None
+                _check_meta(meta, where)
+                missing = [n for n in ARRAYS if n not in names]
+                if missing:
+                    raise FormatError(
+                        f"{path}: member {missing[0]} is missing (has "
+                        f"{sorted(names)}); the trace is incomplete: record it again"
+                    )
+                arrays = {n: z[n] for n in ARRAYS}
+        except (zipfile.BadZipFile, zlib.error, EOFError) as e:
+            raise FormatError(
+                f"{path}: corrupt or truncated trace ({e}); record it again "
+                "with mer trace"
+            ) from None
+        except ValueError as e:  # a member that is not a valid .npy, or pickled
+            raise FormatError(
+                f"{path}: a member is not a plain .npy array ({e}); record it "
+                "again with mer trace"
+            ) from None
+        t = cls(meta=meta, path=path, **arrays)
+        t.check(str(path))
+        return t
+
+
+def _check_meta(meta: Any, where: str) -> None:
+    if not isinstance(meta, dict):
+        raise FormatError(f"{where}: expected a JSON object, got {type(meta).__name__}")
+    if meta.get("format") != FORMAT:
+        raise FormatError(
+            f"{where}: format is {meta.get('format')!r}, expected {FORMAT!r}; "
+            "not a mer trace"
+        )
+    if meta.get("version") != VERSION:
+        raise FormatError(
+            f"{where}: version is {meta.get('version')!r}, this mer reads version "
+            f"{VERSION}; record the trace again with this mer"
+        )
+    for name, typ in META_FIELDS.items():
+        if name not in meta:
+            raise FormatError(
+                f"{where}: field {name} is missing; record the trace again"
+            )
+        v = meta[name]
+        if not isinstance(v, typ) or isinstance(v, bool):
+            raise FormatError(
+                f"{where}: {name} is {v!r}, expected a {typ.__name__}"  # type: ignore[union-attr]
+            )
+        if typ is int and name != "sketch_seed" and v < 1:
+            raise FormatError(f"{where}: {name} is {v}, expected >= 1")
+
+
+def merge(traces: list[Trace]) -> Trace:
+    """One trace holding ``traces`` one after another; prompt indices are
+    renumbered so that each trace's prompts follow the previous one's.
+
+    Raises :class:`UsageError` when the traces come from different models
+    (store_id, arch, shapes) or used different projections.
+    """
+    if not traces:
+        raise UsageError("merge: no traces given")
+    first = traces[0]
+    for t in traces[1:]:
+        for f in MODEL_FIELDS:
+            if t.meta[f] != first.meta[f]:
+                raise UsageError(
+                    f"merge: {t.path or 'trace'} has {f} {t.meta[f]!r} but "
+                    f"{first.path or 'the first trace'} has {first.meta[f]!r}; "
+                    "only traces of the same store and sketch settings merge"
+                )
+        if not np.array_equal(t.projection, first.projection):
+            raise UsageError(
+                f"merge: {t.path or 'trace'} has a different projection from "
+                f"{first.path or 'the first trace'}; record both with one mer version"
+            )
+    offsets, n = [], 0
+    for t in traces:
+        offsets.append(n)
+        n += t.num_prompts
+    cat = {
+        name: np.concatenate([getattr(t, name) for t in traces])
+        for name in ARRAYS
+        if name not in ("prompt", "projection")
+    }
+    prompt = np.concatenate(
+        [t.prompt + np.int32(o) for t, o in zip(traces, offsets)]
+    ).astype(np.int32)
+    out = Trace(
+        meta=dict(first.meta), prompt=prompt, projection=first.projection, **cat
+    )
+    out.check("merged trace")
+    return out

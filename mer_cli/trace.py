@@ -1,0 +1,200 @@
+"""Record routing traces (:mod:`mer_cli.formats.trace`) while a model runs.
+
+::
+
+    from mer_cli.trace import trace
+    t = trace("tiny.mer", ["Once upon a time"], "run.trace.npz", max_tokens=32)
+    t.experts.shape  # [N, L, K]
+
+:class:`TraceRecorder` is an ``Engine.moe_hook``: attach it to any engine
+(``mer generate --trace-out`` does) and call :meth:`TraceRecorder.finish`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mer_cli import kernels as K
+from mer_cli.formats.trace import (
+    DEFAULT_SKETCH_DIM,
+    DEFAULT_SKETCH_SEED,
+    FORMAT,
+    VERSION,
+    Trace,
+    make_projection,
+)
+
+
+class TraceRecorder:
+    """Collects one :class:`~mer_cli.formats.trace.Trace` from an engine's
+    MoE events; a new prompt starts whenever a forward pass starts at
+    position 0 (the engine was reset).
+
+    Parameters
+    ----------
+    engine : Engine
+        The recorder installs itself as ``engine.moe_hook``.
+    sketch_dim, seed : int
+        Width and seed of the random projection of the residual stream.
+    """
+
+    def __init__(
+        self,
+        engine,
+        sketch_dim: int = DEFAULT_SKETCH_DIM,
+        seed: int = DEFAULT_SKETCH_SEED,
+    ) -> None:
+        cfg = engine.cfg
+        self.engine = engine
+        self.projection = make_projection(cfg.hidden_size, sketch_dim, seed)  # [D,S]
+        self.meta: dict[str, Any] = {
+            "format": FORMAT,
+            "version": VERSION,
+            "store_id": engine.store.store_id.hex(),
+            "arch": cfg.arch,
+            "num_layers": cfg.num_layers,
+            "num_experts": cfg.num_experts,
+            "top_k": cfg.top_k,
+            "hidden_size": cfg.hidden_size,
+            "sketch_dim": sketch_dim,
+            "sketch_seed": seed,
+            "created_by": _created_by(),
+        }
+        self._parts: dict[str, list[np.ndarray]] = {
+            n: [] for n in ("tokens", "positions", "prompt")
+        }
+        self._layers: dict[str, list[np.ndarray]] = {
+            n: [] for n in ("experts", "weights", "probs", "sketch")
+        }
+        self._prompt = -1
+        engine.moe_hook = self
+
+    def __call__(self, ev) -> None:
+        L, cfg = self.meta["num_layers"], self.engine.cfg
+        T = ev.tokens.shape[0]
+        if ev.layer == 0:
+            if ev.start == 0:
+                self._prompt += 1
+            self._parts["tokens"].append(ev.tokens.astype(np.int32))
+            self._parts["positions"].append(
+                np.arange(ev.start, ev.start + T, dtype=np.int32)
+            )
+            self._parts["prompt"].append(np.full(T, self._prompt, np.int32))
+            S = self.projection.shape[1]
+            self._layers["experts"].append(np.empty((T, L, cfg.top_k), np.int16))
+            self._layers["weights"].append(np.empty((T, L, cfg.top_k), np.float16))
+            self._layers["probs"].append(np.empty((T, L, cfg.num_experts), np.float16))
+            self._layers["sketch"].append(np.empty((T, L, S), np.float16))
+        i = ev.layer
+        # the router logits again, as moe_block computed them (same kernel, input)
+        router = self.engine.layers[i].router
+        probs = K.softmax(np.asarray(K.linear(router, ev.normed), np.float32))
+        self._layers["experts"][-1][:, i] = ev.ids
+        self._layers["weights"][-1][:, i] = ev.weights
+        self._layers["probs"][-1][:, i] = probs
+        self._layers["sketch"][-1][:, i] = sketch(ev.residual, self.projection)
+
+    def finish(self) -> Trace:
+        """The trace of everything recorded so far (the engine stays hooked)."""
+        cfg = self.engine.cfg
+        L, S = cfg.num_layers, self.projection.shape[1]
+        empty = {
+            "tokens": (0,),
+            "positions": (0,),
+            "prompt": (0,),
+            "experts": (0, L, cfg.top_k),
+            "weights": (0, L, cfg.top_k),
+            "probs": (0, L, cfg.num_experts),
+            "sketch": (0, L, S),
+        }
+        dtypes = {"tokens": np.int32, "positions": np.int32, "prompt": np.int32}
+        dtypes |= {"experts": np.int16}
+        arrays = {}
+        for name, parts in {**self._parts, **self._layers}.items():
+            if parts:
+                arrays[name] = np.concatenate(parts)
+            else:
+                arrays[name] = np.empty(empty[name], dtypes.get(name, np.float16))
+        return Trace(meta=dict(self.meta), projection=self.projection, **arrays)
+
+
+def sketch(residual: np.ndarray, projection: np.ndarray) -> np.ndarray:
+    """f16 ``[T, S]`` sketch of the f32 residual stream ``[T, D]``:
+    ``residual @ projection`` in f32, rounded to f16."""
+    return (np.asarray(residual, np.float32) @ projection).astype(np.float16)
+
+
+def trace(
+    model: str | os.PathLike,
+    prompts: Sequence[str],
+    out: str | os.PathLike,
+    *,
+    max_tokens: int = 64,
+    sketch_dim: int = DEFAULT_SKETCH_DIM,
+    seed: int = DEFAULT_SKETCH_SEED,
+    ram_budget: Any = None,
+    ctx: int | None = None,
+    threads: int | None = None,
+    config: Any = None,
+    progress: bool = True,
+) -> Trace:
+    """Run ``prompts`` through the store ``model`` with greedy decoding and
+    write the routing trace of every token to ``out``.
+
+    Parameters
+    ----------
+    model : path of a store.
+    prompts : the prompt texts, one sequence each.
+    out : the trace file to write (atomically).
+    max_tokens : tokens to generate after each prompt (greedy).
+    sketch_dim, seed : the residual-stream projection's width and seed.
+    ram_budget : bytes or a size string for cached experts (streams above it).
+    progress : show a tqdm bar (prompts) on stderr.
+
+    Returns
+    -------
+    Trace : what was written.
+    """
+    from mer_cli.config import Config
+    from mer_cli.formats.store import Store
+    from mer_cli.generate import GenerateOptions, generate_many, load
+    from mer_cli.sources import SourceOptions, open_source, plan_source
+
+    options = GenerateOptions(max_tokens=max_tokens, temperature=0.0)
+    options.check()
+    make_projection(1, sketch_dim, seed)  # checks --sketch-dim before any work
+    store = Store.open(model)
+    plan = plan_source(store, SourceOptions(ram_budget=ram_budget), config or Config())
+    engine, tok = load(
+        model, ctx=ctx, threads=threads, source=lambda st: open_source(st, plan)
+    )
+    try:
+        rec = TraceRecorder(engine, sketch_dim, seed)
+        bar = None
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(prompts), unit="prompt", desc="trace", leave=False)
+        for c in generate_many(engine, tok, prompts, options):
+            c.run()
+            if bar is not None:
+                bar.set_postfix(tokens=sum(p.size for p in rec._parts["tokens"]))
+                bar.update(1)
+        if bar is not None:
+            bar.close()
+    finally:
+        engine.close()
+    t = rec.finish()
+    t.save(Path(out))
+    return t
+
+
+def _created_by() -> str:
+    from mer_cli import __version__
+
+    return f"mer-cli {__version__}"
