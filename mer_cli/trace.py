@@ -151,7 +151,8 @@ def trace(
     model : path of a store.
     prompts : the prompt texts, one sequence each.
     out : the trace file to write (atomically).
-    max_tokens : tokens to generate after each prompt (greedy).
+    max_tokens : tokens to generate after each prompt (greedy); 0 traces the
+        prompts alone.
     sketch_dim, seed : the residual-stream projection's width and seed.
     ram_budget : bytes or a size string for cached experts (streams above it).
     progress : show a tqdm bar (prompts) on stderr.
@@ -181,7 +182,11 @@ def trace(
 
             bar = tqdm(total=len(prompts), unit="prompt", desc="trace", leave=False)
         for c in generate_many(engine, tok, prompts, options):
-            c.run()
+            if max_tokens == 0:  # the prompt alone (Completion would skip it)
+                engine.reset()
+                engine.prefill(tok.encode(c.result.prompt))
+            else:
+                c.run()
             if bar is not None:
                 bar.set_postfix(tokens=sum(p.size for p in rec._parts["tokens"]))
                 bar.update(1)

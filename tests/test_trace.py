@@ -88,6 +88,31 @@ def test_trace_equals_engine_routing(tmp_path, arch, overrides):
     np.testing.assert_allclose(t.weights.astype(np.float32), want, atol=3e-3)
 
 
+def test_streamed_experts_and_prompt_only(mixtral, mixtral_trace, tmp_path):
+    """Experts streamed through a small --ram-budget give the same trace; with
+    max_tokens=0 the trace holds the prompts alone."""
+    from mer_cli.config import Config
+    from mer_cli.formats.store import Store
+    from mer_cli.sources import SourceOptions, plan_source
+
+    budget = Store.open(mixtral).expert_bytes_total // 3
+    plan = plan_source(Store.open(mixtral), SourceOptions(ram_budget=budget), Config())
+    assert plan.kind == "streamed"
+    s = trace(mixtral, PROMPTS, tmp_path / "s.npz", max_tokens=N_NEW,
+              ram_budget=budget, progress=False)  # fmt: skip
+    for name in ARRAYS:
+        np.testing.assert_array_equal(getattr(s, name), getattr(mixtral_trace, name))
+    p = trace(mixtral, PROMPTS, tmp_path / "p.npz", max_tokens=0, progress=False)
+    assert p.num_prompts == 2 and p.num_tokens == mixtral_trace.num_tokens - 2 * (
+        N_NEW - 1
+    )
+    first = mixtral_trace.positions < np.repeat(
+        np.bincount(p.prompt), np.bincount(mixtral_trace.prompt)
+    )
+    np.testing.assert_array_equal(p.experts, mixtral_trace.experts[first])
+    np.testing.assert_array_equal(p.sketch, mixtral_trace.sketch[first])
+
+
 def test_sketch_is_projection_of_residual(mixtral, mixtral_trace, monkeypatch):
     """The sketch against the residual stream the independent numpy model
     computes (the input of each layer's post-attention RMS norm)."""
