@@ -10,6 +10,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from mer_cli import interrupt
 from mer_cli.formats.store import PartLayout, StoreWriter
 from mer_cli.models.config import ModelConfig
 
@@ -36,10 +37,10 @@ def run_ordered(
             window.append((key, pool.submit(fn)))
             if len(window) >= inflight:
                 k, fut = window.popleft()
-                consume(k, fut.result())
+                consume(k, interrupt.result(fut))
         while window:
             k, fut = window.popleft()
-            consume(k, fut.result())
+            consume(k, interrupt.result(fut))
     finally:
         for _, fut in window:
             fut.cancel()

@@ -41,6 +41,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
+from mer_cli import interrupt
 from mer_cli.errors import ReadError, ResourceError, UnsupportedError, UsageError
 from mer_cli.io_profile import (
     BufferedReads,
@@ -449,7 +450,7 @@ class _Bench:
     def _run(self, work: Callable[[int, memoryview], object], bufs: list) -> list:
         futures = [self.pool.submit(work, i, buf) for i, buf in enumerate(bufs)]
         try:
-            return [f.result() for f in futures]
+            return [interrupt.result(f) for f in futures]
         except BaseException:
             self.stop.set()  # the other threads finish their current read
             wait(futures)

@@ -29,6 +29,7 @@ import time
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
+from mer_cli import interrupt
 from mer_cli.cache import LOADING, READY, ExpertCache, simulate_belady, simulate_lru
 from mer_cli.errors import ReadError, ResourceError
 from mer_cli.formats.store import Store
@@ -210,7 +211,7 @@ class StreamedExperts:
     def _wait(self) -> ReadRequest:
         """Block until some read finishes (time counted as stall), apply it."""
         t0 = time.perf_counter()
-        req = self._done.get()
+        req = interrupt.get(self._done)
         self.stall_seconds += time.perf_counter() - t0
         self._complete(req)
         return req

@@ -41,6 +41,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from mer_cli import interrupt
 from mer_cli.errors import ResourceError, UsageError
 from mer_cli.formats.quant import f32_to_bf16
 from mer_cli.formats.safetensors import SafetensorsWriter
@@ -712,7 +713,7 @@ def _write_tensors(p: Plan, d: Path, seed: int, workers: int, progress: bool) ->
                 pending.append((i, t, fut))
                 while len(pending) > workers + 1 or (pending and n == len(jobs) - 1):
                     j, s, fut = pending.popleft()
-                    write(j, s, fut.result())
+                    write(j, s, interrupt.result(fut))
                     bar.update(int(np.prod(s.shape)) * itemsize)
         except BaseException:
             for *_, fut in pending:  # do not generate what will never be written
