@@ -172,17 +172,33 @@ def attention_block(
     Writes this layer's keys/values for those positions into ``cache`` and
     returns the output projection ``[T, D]``.
     """
-    cfg = arch.cfg
-    T = x.shape[0]
-    H, KVh, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     q, k, v = arch.project_qkv(w, x)
+    return K.linear(w.o, attend(arch, q, k, v, cache, layer, start))
+
+
+def attend(
+    arch: Architecture,
+    q: np.ndarray,
+    k: np.ndarray,
+    v: np.ndarray,
+    cache: KVCache,
+    layer: int,
+    start: int,
+) -> np.ndarray:
+    """RoPE, the cache write and attention for projections ``q`` ``[T, H*hd]``,
+    ``k``/``v`` ``[T, KV*hd]`` of one sequence at positions ``start..start+T-1``;
+    returns the heads' outputs f32 ``[T, H*hd]`` (before the output projection).
+    A decode batch calls this once per sequence, on that sequence's cache."""
+    cfg = arch.cfg
+    T = q.shape[0]
+    H, KVh, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     pos = np.arange(start, start + T)
     q = K.rope(q.reshape(T, H, hd), pos, cfg.rope_theta)  # [T, H, hd]
     k = K.rope(k.reshape(T, KVh, hd), pos, cfg.rope_theta)  # [T, KV, hd]
     cache.k[layer, start : start + T] = k
     cache.v[layer, start : start + T] = v.reshape(T, KVh, hd)
     out = K.attention(q, cache.k[layer], cache.v[layer], start, arch.window)
-    return K.linear(w.o, np.ascontiguousarray(out.reshape(T, H * hd)))
+    return np.ascontiguousarray(out.reshape(T, H * hd))
 
 
 # ================================================================ MoE
