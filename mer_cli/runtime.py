@@ -30,13 +30,13 @@ from mer_cli.models.layers import (
     LayerWeights,
     attention_block,
     embed_rows,
-    lookahead,
     moe_block,
 )
 from mer_cli.models.mixtral import Mixtral
 from mer_cli.models.olmoe import Olmoe
 from mer_cli.models.qwen2_moe import Qwen2Moe
 from mer_cli.models.qwen3_moe import Qwen3Moe
+from mer_cli.prefetch import prefetch_hint
 
 ARCHITECTURES: dict[str, type[Architecture]] = {
     "mixtral": Mixtral,
@@ -123,6 +123,9 @@ class Engine:
         Called as ``hook(layer, hidden, ids, weights)`` after each MoE router.
     moe_hook : callable, optional
         Called as ``hook(MoeEvent(...))`` after each MoE router (``mer trace``).
+    predictor : Predictor, optional
+        Ranks prefetches of a streamed source (``mer_cli.predictors``); None:
+        router lookahead (:func:`mer_cli.prefetch.prefetch_hint`).
     """
 
     def __init__(
@@ -136,6 +139,7 @@ class Engine:
         record_routing: bool = False,
         route_hook: RouteHook | None = None,
         moe_hook: Callable[[MoeEvent], None] | None = None,
+        predictor: Any = None,
     ) -> None:
         self.store = store
         self.cfg = cfg = store.model
@@ -164,6 +168,7 @@ class Engine:
         self.record_routing = record_routing
         self.route_hook = route_hook
         self.moe_hook = moe_hook
+        self.predictor = predictor
         self.routing: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
         self.timing = Timing(layer_moe_s=[0.0] * cfg.num_layers)
         self.prefill_chunk = PREFILL_CHUNK
@@ -281,10 +286,7 @@ class Engine:
             x = x + attention_block(
                 arch, w, K.rms_norm(x, w.attn_norm, eps), cache, i, start
             )
-            hint = None
-            if not self.resident_experts and i + 1 < L:
-                h, nxt = x, self.layers[i + 1]
-                hint = lambda h=h, nxt=nxt, j=i + 1: lookahead(arch, nxt, j, h)  # noqa: E731
+            hint = None if self.resident_experts else prefetch_hint(self, i, x, start)
             t0 = time.perf_counter()
             xn = K.rms_norm(x, w.ffn_norm, eps)
             y, e_ids, e_w = moe_block(arch, w, xn, i, self.source, hint)

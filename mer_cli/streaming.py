@@ -3,8 +3,10 @@
 :class:`StreamedExperts` is the :class:`~mer_cli.experts.ExpertSource` for
 models larger than memory: ``ram_budget // extent_nbytes`` fixed slots (one
 anonymous mapping, allocated once), O_DIRECT reads on a thread pool
-(``mer_cli.io.reader``), and the three-signal eviction of
-:class:`~mer_cli.cache.ExpertCache`.
+(``mer_cli.io.reader``; one queue per drive when ``mer shard`` spread the
+store over several), and the three-signal eviction of
+:class:`~mer_cli.cache.ExpertCache`. An expert stored on several drives is
+read from the copy whose drive has the fewest requests outstanding.
 
 ``fetch(layer, ids)`` yields the experts already in DRAM first, then each
 missing one the moment its read completes, so the MoE layer computes while the
@@ -12,10 +14,12 @@ drive works. A yielded expert's slot is held only until the generator is
 resumed; after that it may be reused, which is why a budget of ONE slot still
 works with any top-k (reads then happen one after another). Prefetches
 (``prefetch(layer, ids, scores)``) go only into empty slots or over experts worth
-less than what they bring, are queued behind every demand read, are limited in
-number (fewer when their measured precision drops), and are cancelled when
-stale: a fetch of the layer that does not ask for them, or a newer prefetch
-hint for that layer.
+less than what they bring, are queued behind every demand read, are issued only
+when :class:`~mer_cli.prefetch.PrefetchThrottle` finds their expected benefit
+above their cost (live precision, stall share, spare bandwidth), and are
+cancelled when stale: a fetch of the layer that does not ask for them, or a
+newer prefetch hint for that layer. A prefetch counts as used when the next
+fetch of its layer asks for it, and as wasted otherwise (it stays cached).
 
 Not thread-safe: one compute thread calls fetch/prefetch/stats; only the reader
 threads run alongside, and they touch nothing here but a completion queue.
@@ -43,13 +47,8 @@ from mer_cli.io.reader import (
 )
 from mer_cli.io.slabs import SlabPool
 from mer_cli.memory import check_budget
+from mer_cli.prefetch import PrefetchThrottle
 from mer_cli.units import format_size
-
-# prefetch precision below which the number of prefetches in flight is cut,
-# and below which only every PROBE_EVERY-th hint is acted on (to re-measure)
-PRECISION_FLOOR = 0.5
-PRECISION_OFF = 0.15
-PROBE_EVERY = 8
 
 
 class StreamedExperts:
@@ -70,7 +69,9 @@ class StreamedExperts:
     prefetch
         Act on :meth:`prefetch` hints (False: ignore them, demand reads only).
     prefetch_depth
-        Most prefetch reads in flight at once (default: the model's top-k).
+        Most prefetch reads in flight at once (default: the model's top-k); the
+        throttle allows fewer when the drive cannot read them before the next
+        layer's demand reads.
     pinned
         ``(layer, expert)`` pairs loaded at start and never evicted (the hot set
         from trace statistics); must leave at least one slot free.
@@ -122,7 +123,11 @@ class StreamedExperts:
         )
         self._done: queue.SimpleQueue[ReadRequest] = queue.SimpleQueue()
         self._reqs: dict[int, ReadRequest] = {}  # slot -> read in flight into it
-        self._prefetched: set[int] = set()  # slots filled by prefetch, not yet used
+        # slots filled by prefetch, not yet resolved -> (probability, probe)
+        self._prefetched: dict[int, tuple[float, bool]] = {}
+        self.throttle = PrefetchThrottle(self.L)
+        self._t_fetch: float | None = None  # when the previous fetch began
+        self._stall_mark = 0.0  # stall_seconds then
         self._landed: list[ReadRequest] = []  # finished reads a fetch waits for
         self.sequence: list[int] = []  # demanded keys, in order
         self.hits = self.misses = 0
@@ -130,8 +135,6 @@ class StreamedExperts:
         self.fetches = 0
         self.pf_issued = self.pf_used = self.pf_late = 0
         self.pf_wasted = self.pf_cancelled = self.pf_failed = 0
-        self._pf_precision = 1.0  # moving average of used (1) vs not (0)
-        self._pf_probe = 0
         self._old_switch = None
         if switch_interval is not None:
             self._old_switch = sys.getswitchinterval()
@@ -149,9 +152,12 @@ class StreamedExperts:
 
     def _submit(self, slot: int, key: int, priority: int) -> ReadRequest:
         ent = self.store.experts[key]
+        file, offset = ent.file, ent.offset
+        if ent.replicas:  # copies on several drives: the least busy one
+            file, offset = min(ent.copies, key=lambda c: self.reader.pending(c[0]))
         req = self.reader.submit(
-            ent.file,
-            ent.offset,
+            file,
+            offset,
             ent.nbytes,
             self.slabs.slabs[slot],
             priority=priority,
@@ -166,13 +172,14 @@ class StreamedExperts:
     def _evict_into(self, slot: int, key: int) -> None:
         """Give ``slot`` (empty or evictable) to ``key``, which starts loading."""
         if slot in self._prefetched:  # its prefetched expert was never used
-            self._prefetched.discard(slot)
             self.pf_wasted += 1
-            self._pf_outcome(0.0)
+            self._pf_resolve(slot, False)
         self.cache.assign(slot, key, LOADING)
 
-    def _pf_outcome(self, used: float) -> None:
-        self._pf_precision += 0.1 * (used - self._pf_precision)
+    def _pf_resolve(self, slot: int, used: bool) -> None:
+        """The prefetch into ``slot`` was used, or will not be: tell the throttle."""
+        p, probe = self._prefetched.pop(slot)
+        self.throttle.outcome(p, used, probe)
 
     def _complete(self, req: ReadRequest) -> None:
         """Apply a finished read to the slot table (compute thread only)."""
@@ -186,18 +193,16 @@ class StreamedExperts:
             self.cache.mark_ready(slot)
             return
         if slot in self._prefetched:
-            self._prefetched.discard(slot)
             self.pf_failed += 1  # a demand read of it will report the error
-            self._pf_outcome(0.0)
+            self._pf_resolve(slot, False)
         self.cache.clear(slot)
 
     def _cancel(self, slot: int) -> None:
         """Cancel the prefetch read into ``slot``; its expert counts as absent at
         once, the slot comes back when the chunks in flight have landed."""
         if self.reader.cancel(self._reqs[slot]):
-            self._prefetched.discard(slot)
             self.pf_cancelled += 1
-            self._pf_outcome(0.0)
+            self._pf_resolve(slot, False)
             self.cache.detach(slot)
 
     def _drain(self) -> None:
@@ -226,6 +231,30 @@ class StreamedExperts:
             key = int(self.cache.key[slot])
             if slot in self._prefetched and lo <= key < hi and key not in keep:
                 self._cancel(slot)
+
+    def _resolve_layer(self, layer: int, keys: set[int]) -> None:
+        """``layer`` is computed now with ``keys``: its prefetched experts not
+        asked for were wasted (those still loading are cancelled; loaded ones
+        stay cached as ordinary entries)."""
+        self._cancel_stale(layer, keys)
+        lo, hi = layer * self.E, (layer + 1) * self.E
+        for slot in list(self._prefetched):
+            key = int(self.cache.key[slot])
+            if lo <= key < hi and key not in keys and slot not in self._reqs:
+                self.pf_wasted += 1
+                self._pf_resolve(slot, False)
+
+    def _measure_interval(self) -> None:
+        """Feed the throttle the time since the previous fetch, the part of it
+        stalled on reads, and the reader's rate."""
+        now = time.perf_counter()
+        if self._t_fetch is not None:
+            r = self.reader.stats()
+            rate = r["bytes_read"] / r["read_seconds"] if r["read_seconds"] else None
+            self.throttle.interval(
+                now - self._t_fetch, self.stall_seconds - self._stall_mark, rate
+            )
+        self._t_fetch, self._stall_mark = now, self.stall_seconds
 
     def _load_pinned(self, pinned: list[tuple[int, int]]) -> None:
         for la, e in pinned:
@@ -267,12 +296,14 @@ class StreamedExperts:
         if len(set(keys)) != len(keys):
             raise ValueError(f"fetch(layer {layer}): repeated expert ids {experts}")
         self.fetches += 1
+        self._measure_interval()
         cache.begin_layer(layer)
         for k in keys:
             cache.on_request(k)
         self.sequence.extend(keys)
+        self.throttle.visit(layer, [int(e) for e in experts])
         self._drain()
-        self._cancel_stale(layer, set(keys))
+        self._resolve_layer(layer, set(keys))
         self._drain()
 
         ready: list[int] = []  # slots to yield at once
@@ -285,9 +316,8 @@ class StreamedExperts:
                 waiting.append(k)
                 continue
             if s in self._prefetched:
-                self._prefetched.discard(s)
                 self.pf_used += 1
-                self._pf_outcome(1.0)
+                self._pf_resolve(s, True)
             cache.acquire(s)
             if cache.state[s] == READY:
                 self.hits += 1
@@ -366,48 +396,51 @@ class StreamedExperts:
     def prefetch(
         self, layer: int, experts: Sequence[int], scores: Sequence[float] | None = None
     ) -> None:
-        """Start reading ``layer``'s ``experts`` (best first) into spare slots.
+        """Consider reading ``layer``'s ``experts`` (best first) into spare slots.
 
-        ``scores`` (probabilities of use) also feed the cache's predictor signal.
-        Never evicts an expert worth more than the one it would bring (without
-        ``scores`` an unseen expert is worth little, so mostly empty slots are
-        used), never touches slots in use, and queues behind every demand read.
-        A hint for a layer past the last is ignored.
+        ``scores`` (the hint's probabilities of use; None: 1 each) are
+        calibrated by the throttle's live measurements; the calibrated values
+        feed the cache's predictor signal (when ``scores`` is given) and decide
+        which candidates are read (:class:`~mer_cli.prefetch.PrefetchThrottle`).
+        Never evicts an expert worth more than the one it would bring, never
+        touches slots in use, and queues behind every demand read. A hint for
+        a layer past the last is ignored.
         """
         if not 0 <= layer < self.L:
             return
-        E, cache = self.E, self.cache
+        E, cache, th = self.E, self.cache, self.throttle
         ids = [int(e) for e in experts]
         if any(not 0 <= e < E for e in ids):
             raise ValueError(
                 f"prefetch(layer {layer}): experts {ids} not in 0..{E - 1}"
             )
+        raw = [1.0] * len(ids) if scores is None else [float(x) for x in scores]
+        dist = (layer - cache.layer) % self.L or self.L  # layers ahead
+        probs = [th.probability(x, dist) for x in raw]
         if scores is not None:
-            cache.set_predictions(layer, ids, scores)
+            cache.set_predictions(layer, ids, probs)
         if not self.prefetch_enabled or self.slots < 2:
             return  # one slot: the fetch itself needs it, a prefetch only wastes
         self._drain()
         self._cancel_stale(layer, {layer * E + e for e in ids})
-        limit = self.prefetch_depth
-        if self._pf_precision < PRECISION_FLOOR:
-            limit = max(1, int(limit * self._pf_precision / PRECISION_FLOOR))
-            if self._pf_precision < PRECISION_OFF:
-                # nearly every prefetch is wasted: only every Nth hint probes
-                self._pf_probe += 1
-                if self._pf_probe % PROBE_EVERY:
-                    return
+        absent = [
+            (p, e, x)
+            for e, x, p in zip(ids, raw, probs)
+            if cache.find(layer * E + e) is None
+        ]
+        th.candidates(layer, dist, {e: x for _, e, x in absent})
+        cap = th.inflight_cap(self.store.extent_nbytes, self.prefetch_depth)
         inflight = sum(1 for s in self._reqs if s in self._prefetched)
-        for e in ids:
-            if inflight >= limit:
-                break
+        for p, e, _ in sorted(absent, key=lambda t: -t[0]):
             key = layer * E + e
-            if cache.find(key) is not None:
-                continue
             s = cache.victim(below=float(cache.value(key)))
             if s is None:
-                break
+                break  # nothing held is worth less than these candidates
+            how = th.decide(p, inflight < cap)
+            if how is None:
+                continue
             self._evict_into(s, key)
-            self._prefetched.add(s)
+            self._prefetched[s] = (p, how == "probe")
             self._submit(s, key, PREFETCH)
             self.pf_issued += 1
             inflight += 1
@@ -441,12 +474,14 @@ class StreamedExperts:
             "stall_seconds": self.stall_seconds,
             "read_retries": r["retries"],
             "buffered_files": r["buffered_files"],
+            "read_devices": r["devices"],
             "prefetch_issued": self.pf_issued,
             "prefetch_used": self.pf_used,
             "prefetch_late": self.pf_late,
             "prefetch_wasted": self.pf_wasted,
             "prefetch_cancelled": self.pf_cancelled,
             "prefetch_precision": self.pf_used / resolved if resolved else 0.0,
+            "prefetch_throttle": self.throttle.stats(),
             "prefetch_recall": (
                 self.pf_used / (self.pf_used + self.misses - self.pf_late)
                 if self.pf_used + self.misses - self.pf_late

@@ -1,0 +1,305 @@
+"""Prefetch hints (router lookahead or a trained predictor) and the throttle that
+decides, from live measurements, whether a hinted read is worth its bytes.
+
+Hints. :func:`prefetch_hint` gives ``Engine.forward`` the callable that
+``moe_block`` calls once the layer's demand reads are queued: with no predictor
+it applies the next layer's router to the hidden state (router lookahead);
+with a predictor (``mer generate --predictor PRED``) decode steps feed the
+routing just made to ``Predictor.observe`` and hint every layer it returns
+scores for (1..``max_distance`` ahead). Forward passes over several tokens
+(prefill) keep router lookahead, which sees every token; the predictor still
+observes the last token, so its state is right for the first decode step.
+
+Throttle. :class:`PrefetchThrottle` turns a hint's score into a probability of
+use and issues a read only when the expected stall it saves exceeds the demand
+time it is expected to cost. Nothing is left for the user to tune:
+
+* **calibration**: every candidate (hinted and not in DRAM) is checked when
+  its layer is next computed, whether it was read or not (a free shadow
+  measurement); over the last ``window`` of them per lookahead distance,
+  ``c = (1 + sum used) / (1 + sum score)`` and ``p = min(1, c * score)``. The
+  cache's third eviction signal gets these calibrated probabilities, so an
+  overconfident predictor cannot push useful experts out either;
+* **live precision**: over the last ``window`` issued prefetches, how many were
+  used when their layer came (``used / issued``), compared with the ``p`` they
+  were issued at: ``r = (1 + sum used) / (1 + sum p)`` scales ``p`` down when
+  reads land too late or are cancelled;
+* **benefit vs cost**: a used prefetch saves one extent read ``t`` of stall; a
+  wasted one costs ``t`` of drive time, of which the share ``s`` during which
+  the compute waits for demand reads (measured per layer, moving average)
+  delays demand. Issue when ``p t > (1 - p) s t``, i.e. ``p > s / (1 + s)``:
+  a drive idle during compute makes reads nearly free, a compute thread that
+  is stalling makes only likely ones pay;
+* **spare bandwidth**: at most ``rate * gap / extent`` prefetches in flight
+  (at least one), where ``rate`` is the measured read rate and ``gap`` the
+  compute time between two layers' demand waits: what the drive can read
+  before the next demand comes;
+* **off and probing**: when precision collapses no candidate passes and
+  prefetch is off; the shadow calibration keeps measuring for free, and after
+  ``probe_every`` consecutive refusals the best candidate is read anyway (a
+  probe; the interval doubles after each wasted probe, up to 64x) so ``r`` is
+  measured again.
+
+Demand reads win regardless: the reader (:mod:`mer_cli.io.reader`) starts no
+prefetch chunk while a demand chunk is queued, a prefetch the compute needs is
+promoted to demand, and stale ones are cancelled (:mod:`mer_cli.streaming`).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+WINDOW = 64  # outcomes remembered per signal
+PRIOR = 1.0  # pseudo-outcome (score 1, used) behind each ratio
+PROBE_EVERY = 8  # refusals in a row before a probe
+PROBE_MAX = 64  # the probe interval grows to at most PROBE_EVERY * this
+EMA = 0.05  # weight of one layer in the stall share and compute gap averages
+MAX_DISTANCE = 3  # lookahead distances calibrated separately (further: pooled)
+HINTS_PER_LAYER = 8  # most candidates taken from a predictor per target layer
+
+
+class PrefetchThrottle:
+    """Live calibration, precision and bandwidth state behind prefetch decisions.
+
+    Driven by :class:`~mer_cli.streaming.StreamedExperts` from the compute
+    thread: :meth:`interval` once per fetch, :meth:`candidates` for each hint,
+    :meth:`visit` when a layer's experts are asked for, :meth:`outcome` when
+    an issued prefetch is resolved.
+
+    Parameters
+    ----------
+    num_layers
+        Layers of the model (lookahead distances wrap around a token).
+    window
+        Outcomes remembered per signal.
+    """
+
+    def __init__(self, num_layers: int, window: int = WINDOW) -> None:
+        self.L = num_layers
+        self.window = window
+        # shadow outcomes (score, used) per distance; issued outcomes (p, used)
+        self._shadow: dict[int, deque[tuple[float, float]]] = {}
+        self._issued: deque[tuple[float, float]] = deque(maxlen=window)
+        # candidates awaiting their layer: (layer, distance) -> {expert: score}
+        self._pending: dict[tuple[int, int], dict[int, float]] = {}
+        self._stall = 0.0  # moving averages per layer: stall, wall, compute gap
+        self._wall = 0.0
+        self._gap: float | None = None
+        self._rate: float | None = None  # bytes/s while reading
+        self._refused = 0  # refusals since the last issue or probe
+        self._probe_interval = PROBE_EVERY
+        self._probe_pending = 0  # probes issued, not yet resolved
+        self.issued = self.probes = 0
+        self.skipped_benefit = self.skipped_bandwidth = 0
+        self.shadow_used = self.shadow_total = 0
+
+    # ------------------------------------------------------------ measurements
+
+    def interval(self, wall_s: float, stall_s: float, rate: float | None) -> None:
+        """One layer's interval since the previous fetch: wall time, the part
+        stalled on reads, and the reader's bytes/s while busy (None: unknown)."""
+        if wall_s <= 0:
+            return
+        self._wall += EMA * (wall_s - self._wall)
+        self._stall += EMA * (min(stall_s, wall_s) - self._stall)
+        gap = max(wall_s - stall_s, 0.0)
+        self._gap = gap if self._gap is None else self._gap + EMA * (gap - self._gap)
+        if rate:
+            self._rate = rate
+
+    @property
+    def stall_share(self) -> float:
+        """Moving-average share of time the compute waited for reads."""
+        return self._stall / self._wall if self._wall > 0 else 0.0
+
+    @property
+    def threshold(self) -> float:
+        """Least probability of use at which a prefetch pays: ``s / (1 + s)``."""
+        s = self.stall_share
+        return s / (1.0 + s)
+
+    def calibration(self, distance: int) -> float:
+        """``(1 + used) / (1 + sum of scores)`` of the shadow window at ``distance``."""
+        w = self._shadow.get(min(distance, MAX_DISTANCE))
+        if not w:
+            return 1.0
+        return (PRIOR + sum(u for _, u in w)) / (PRIOR + sum(s for s, _ in w))
+
+    @property
+    def realized(self) -> float:
+        """``(1 + used) / (1 + sum of p)`` over the issued prefetches' window."""
+        w = self._issued
+        return (PRIOR + sum(u for _, u in w)) / (PRIOR + sum(p for p, _ in w))
+
+    @property
+    def live_precision(self) -> float | None:
+        """Used / issued over the window of issued prefetches (None: none yet)."""
+        w = self._issued
+        return sum(u for _, u in w) / len(w) if w else None
+
+    @property
+    def shadow_precision(self) -> float | None:
+        """Share of candidates used, over all distances' windows (None: none)."""
+        n = sum(len(w) for w in self._shadow.values())
+        if not n:
+            return None
+        return sum(u for w in self._shadow.values() for _, u in w) / n
+
+    def probability(self, score: float, distance: int) -> float:
+        """Calibrated probability that a candidate of ``score`` is used."""
+        c = self.calibration(distance) * min(self.realized, 1.0)
+        return min(1.0, max(0.0, float(score)) * c)
+
+    def inflight_cap(self, extent_nbytes: int, depth: int) -> int:
+        """Prefetches allowed in flight: what the drive reads in one compute
+        gap (at least 1, at most ``depth``; ``depth`` until measured)."""
+        if self._gap is None or not self._rate:
+            return depth
+        n = int(self._rate * self._gap / max(extent_nbytes, 1))
+        return max(1, min(depth, n))
+
+    # ------------------------------------------------------------ outcomes
+
+    def candidates(self, layer: int, distance: int, scores: dict[int, float]) -> None:
+        """Remember ``layer``'s absent hinted experts ``{expert: score}`` for the
+        shadow check; replaces earlier ones at the same distance."""
+        self._pending[(layer, min(distance, MAX_DISTANCE))] = dict(scores)
+
+    def visit(self, layer: int, used: Sequence[int]) -> None:
+        """``layer``'s experts ``used`` are asked for: resolve its candidates."""
+        used_set = {int(e) for e in used}
+        for d in range(1, MAX_DISTANCE + 1):
+            cand = self._pending.pop((layer, d), None)
+            if not cand:
+                continue
+            w = self._shadow.setdefault(d, deque(maxlen=self.window))
+            for e, s in cand.items():
+                u = 1.0 if e in used_set else 0.0
+                w.append((min(max(s, 0.0), 1.0), u))
+                self.shadow_used += int(u)
+                self.shadow_total += 1
+
+    def outcome(self, p: float, used: bool, probe: bool) -> None:
+        """An issued prefetch (issued at probability ``p``) was used or not."""
+        self._issued.append((p, 1.0 if used else 0.0))
+        if probe:
+            self._probe_pending = max(0, self._probe_pending - 1)
+            if used:
+                self._probe_interval = PROBE_EVERY
+            else:
+                self._probe_interval = min(
+                    self._probe_interval * 2, PROBE_EVERY * PROBE_MAX
+                )
+
+    # ------------------------------------------------------------ decisions
+
+    def decide(self, p: float, room: bool) -> str | None:
+        """``"issue"``, ``"probe"`` or None (skip) for a candidate of
+        calibrated probability ``p``; ``room``: below the in-flight cap."""
+        if not room:
+            self.skipped_bandwidth += 1
+            return None
+        if p > self.threshold:
+            self._refused = 0
+            self.issued += 1
+            return "issue"
+        self._refused += 1
+        if self._refused >= self._probe_interval and not self._probe_pending:
+            self._refused = 0
+            self._probe_pending += 1
+            self.issued += 1
+            self.probes += 1
+            return "probe"
+        self.skipped_benefit += 1
+        return None
+
+    @property
+    def state(self) -> str:
+        """``"on"`` while recent candidates pass, ``"off"`` after a run of
+        refusals (only probes are read then)."""
+        return "off" if self._refused >= PROBE_EVERY or self._probe_pending else "on"
+
+    def stats(self) -> dict[str, Any]:
+        """Counters for ``--stats``/``--json``."""
+
+        def r4(v):
+            return None if v is None else round(float(v), 4)
+
+        return {
+            "state": self.state,
+            "issued": self.issued,
+            "probes": self.probes,
+            "skipped_benefit": self.skipped_benefit,
+            "skipped_bandwidth": self.skipped_bandwidth,
+            "live_precision": r4(self.live_precision),
+            "predictor_precision": r4(self.shadow_precision),
+            "candidates_checked": self.shadow_total,
+            "threshold": r4(self.threshold),
+            "stall_share": r4(self.stall_share),
+            "realized_factor": r4(self.realized),
+        }
+
+
+# ====================================================================== hints
+
+
+def prefetch_hint(
+    engine, layer: int, x: np.ndarray, start: int
+) -> Callable[[np.ndarray], list[Any]] | None:
+    """The hint callable ``moe_block`` calls with ``ids`` ``[T, K]`` once the
+    demand reads of ``layer`` are queued; None when there is nothing to hint.
+
+    ``x`` ``[T, D]`` f32 is the residual entering ``layer``'s MoE block;
+    ``start`` the position of its first token (0: a new sequence).
+    """
+    from mer_cli.models.layers import Lookahead, lookahead
+
+    pred = getattr(engine, "predictor", None)
+    L = engine.cfg.num_layers
+    T = x.shape[0]
+    if pred is None or T > 1:
+        nxt = layer + 1 if layer + 1 < L else None
+        if pred is None and nxt is None:
+            return None
+
+        def hint(ids: np.ndarray) -> list[Any]:
+            if pred is not None:
+                observe(engine, pred, layer, ids, x, start)
+            if nxt is None:
+                return []
+            return [lookahead(engine.arch, engine.layers[nxt], nxt, x)]
+
+        return hint
+
+    def predicted(ids: np.ndarray) -> list[Any]:
+        out = observe(engine, pred, layer, ids, x, start)
+        hints = []
+        for target in sorted(out, key=lambda t: (t - layer) % L):
+            if target == layer or not 0 <= target < L:
+                continue
+            scores = np.asarray(out[target], np.float32).reshape(-1)
+            order = np.argsort(-scores, kind="stable")[:HINTS_PER_LAYER]
+            order = order[scores[order] > 0]
+            if len(order):
+                hints.append(Lookahead(target, order.tolist(), scores[order].tolist()))
+        return hints
+
+    return predicted
+
+
+def observe(
+    engine, pred, layer: int, ids: np.ndarray, x: np.ndarray, start: int
+) -> dict[int, np.ndarray]:
+    """Feed the last token's routing at ``layer`` to ``pred`` (reset first at
+    the start of a sequence); its ``{target_layer: scores [E]}``."""
+    if layer == 0 and start == 0:
+        pred.reset()
+    return pred.observe(
+        layer,
+        np.asarray(ids[-1], np.int64),
+        np.ascontiguousarray(x[-1], dtype=np.float32),
+    )
