@@ -22,12 +22,22 @@ member                  dtype       shape / meaning
 ``probs``               f16 [N,L,E] softmax of the router logits (all E)
 ``sketch``              f16 [N,L,S] ``residual @ projection``
 ``projection``          f32 [D,S]   the Gaussian random projection used
+``lookahead``           f16 [N,L,A,E]  optional (``lookahead_depth`` A >= 1):
+                                    router lookahead, see below
 ======================  ==========  =========================================
 
 Tokens are those that went through the model: each prompt's tokens, then each
 generated token that was fed back (the last sampled token is never run, so it
 has no routing and is not in the trace). The residual stream is the hidden
 state entering the MoE block, before its RMS norm.
+
+``lookahead[n, l, d-1]`` is the softmax of layer ``l+d``'s router applied,
+after layer ``l+d``'s RMS norm, to the residual entering layer ``l``'s MoE
+block: the training-free "router lookahead" guess of layer ``l+d``'s experts
+made ``d`` layers early (the engine's prefetch hint for ``d = 1``). Rows with
+``l + d >= L`` are zero. The member and the meta field ``lookahead_depth``
+are optional additions to version 1: files without them read as depth 0, and
+readers that do not know them ignore them.
 """
 
 from __future__ import annotations
@@ -49,6 +59,7 @@ FORMAT = "mer-trace"
 VERSION = 1
 DEFAULT_SKETCH_DIM = 64
 DEFAULT_SKETCH_SEED = 0
+DEFAULT_LOOKAHEAD = 3
 
 # meta.json fields and their JSON types
 META_FIELDS: dict[str, type | tuple[type, ...]] = {
@@ -64,6 +75,9 @@ META_FIELDS: dict[str, type | tuple[type, ...]] = {
     "sketch_seed": int,
     "created_by": str,
 }
+# optional meta fields (absent in early version-1 files) and their defaults
+OPTIONAL_META: dict[str, int] = {"lookahead_depth": 0}
+MAX_LOOKAHEAD = 3
 # array members: dtype and shape in terms of N and the meta fields
 ARRAYS: dict[str, tuple[np.dtype, tuple[str, ...]]] = {
     "tokens": (np.dtype(np.int32), ("N",)),
@@ -88,13 +102,23 @@ MODEL_FIELDS = (
 )
 
 
-def bytes_per_token(num_layers: int, num_experts: int, top_k: int, sketch: int) -> int:
+def bytes_per_token(
+    num_layers: int, num_experts: int, top_k: int, sketch: int, lookahead: int = 0
+) -> int:
     """Bytes one token adds to a trace: 3 int32 + L*K int16 + L*K f16 + L*E f16
-    + L*S f16 (the fixed part -- projection, meta, zip headers -- comes on top).
+    + L*S f16 + L*A*E f16 (the fixed part -- projection, meta, zip headers --
+    comes on top).
 
-    Mixtral (L=32, E=8, K=2, S=64): 12 + 128 + 128 + 512 + 4096 = 4876 B.
+    Mixtral (L=32, E=8, K=2, S=64): 12 + 128 + 128 + 512 + 4096 = 4876 B, plus
+    1536 B with ``lookahead`` A=3.
     """
-    return 3 * 4 + num_layers * (2 * top_k + 2 * top_k + 2 * num_experts + 2 * sketch)
+    per_layer = 2 * top_k + 2 * top_k + 2 * num_experts + 2 * sketch
+    return 3 * 4 + num_layers * (per_layer + 2 * lookahead * num_experts)
+
+
+def lookahead_depth(meta: dict[str, Any]) -> int:
+    """A, the number of router-lookahead distances a trace holds (0: none)."""
+    return int(meta.get("lookahead_depth", OPTIONAL_META["lookahead_depth"]))
 
 
 def make_projection(hidden: int, sketch: int, seed: int) -> np.ndarray:
@@ -120,6 +144,7 @@ class Trace:
     probs: np.ndarray
     sketch: np.ndarray
     projection: np.ndarray
+    lookahead: np.ndarray | None = None
     path: Path | None = field(default=None, compare=False)
 
     @property
@@ -131,7 +156,11 @@ class Trace:
         return int(self.prompt.max()) + 1 if self.prompt.size else 0
 
     def arrays(self) -> dict[str, np.ndarray]:
-        return {name: getattr(self, name) for name in ARRAYS}
+        """The array members (with ``lookahead`` when the trace has it)."""
+        out = {name: getattr(self, name) for name in ARRAYS}
+        if self.lookahead is not None:
+            out["lookahead"] = self.lookahead
+        return out
 
     def check(self, where: str = "trace") -> None:
         """Raise :class:`FormatError` if the meta or any array is inconsistent."""
@@ -145,6 +174,22 @@ class Trace:
                     f"{where}: {name} is {a.dtype}{list(a.shape)}, expected "
                     f"{dtype}{list(want)} (" + ", ".join(shape) + "); "
                     "the trace is inconsistent: record it again with mer trace"
+                )
+        A = lookahead_depth(self.meta)
+        if A == 0 and self.lookahead is not None:
+            raise FormatError(
+                f"{where}: has a lookahead member but lookahead_depth is 0; "
+                "record it again with mer trace"
+            )
+        if A > 0:
+            want = (self.num_tokens, dims["num_layers"], A, dims["num_experts"])
+            a = self.lookahead
+            if a is None or a.dtype != np.float16 or a.shape != want:
+                got = "missing" if a is None else f"{a.dtype}{list(a.shape)}"
+                raise FormatError(
+                    f"{where}: lookahead is {got}, expected float16{list(want)} "
+                    "(N, num_layers, lookahead_depth, num_experts); record the "
+                    "trace again with mer trace"
                 )
         E = self.meta["num_experts"]
         if self.experts.size and (self.experts.min() < 0 or self.experts.max() >= E):
@@ -219,6 +264,14 @@ class Trace:
                         f"{sorted(names)}); the trace is incomplete: record it again"
                     )
                 arrays = {n: z[n] for n in ARRAYS}
+                if lookahead_depth(meta) > 0:
+                    if "lookahead" not in names:
+                        raise FormatError(
+                            f"{path}: member lookahead is missing but "
+                            f"lookahead_depth is {lookahead_depth(meta)}; the "
+                            "trace is incomplete: record it again"
+                        )
+                    arrays["lookahead"] = z["lookahead"]
         except (zipfile.BadZipFile, zlib.error, EOFError) as e:
             raise FormatError(
                 f"{path}: corrupt or truncated trace ({e}); record it again "
@@ -259,11 +312,20 @@ def _check_meta(meta: Any, where: str) -> None:
             )
         if typ is int and name != "sketch_seed" and v < 1:
             raise FormatError(f"{where}: {name} is {v}, expected >= 1")
+    depth = meta.get("lookahead_depth", 0)
+    if not isinstance(depth, int) or isinstance(depth, bool):
+        raise FormatError(f"{where}: lookahead_depth is {depth!r}, expected an int")
+    if not 0 <= depth <= MAX_LOOKAHEAD:
+        raise FormatError(
+            f"{where}: lookahead_depth is {depth}, expected 0..{MAX_LOOKAHEAD}"
+        )
 
 
 def merge(traces: list[Trace]) -> Trace:
     """One trace holding ``traces`` one after another; prompt indices are
-    renumbered so that each trace's prompts follow the previous one's.
+    renumbered so that each trace's prompts follow the previous one's. The
+    router lookahead is kept to the smallest depth of the traces (none if one
+    trace has none).
 
     Raises :class:`UsageError` when the traces come from different models
     (store_id, arch, shapes) or used different projections.
@@ -296,8 +358,15 @@ def merge(traces: list[Trace]) -> Trace:
     prompt = np.concatenate(
         [t.prompt + np.int32(o) for t, o in zip(traces, offsets)]
     ).astype(np.int32)
+    depth = min(lookahead_depth(t.meta) for t in traces)
+    meta = dict(first.meta)
+    if "lookahead_depth" in meta or depth:
+        meta["lookahead_depth"] = depth
+    look = None
+    if depth:
+        look = np.concatenate([t.lookahead[:, :, :depth] for t in traces])
     out = Trace(
-        meta=dict(first.meta), prompt=prompt, projection=first.projection, **cat
+        meta=meta, prompt=prompt, projection=first.projection, lookahead=look, **cat
     )
     out.check("merged trace")
     return out

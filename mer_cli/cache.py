@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import heapq
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -319,18 +319,33 @@ def simulate_belady(requests: Sequence[int], slots: int) -> float:
 
 
 def simulate_policy(
-    requests: Iterable[int], slots: int, num_layers: int, num_experts: int, **kw
+    requests: Iterable[int],
+    slots: int,
+    num_layers: int,
+    num_experts: int,
+    predictions: Sequence[Mapping[int, np.ndarray] | None] | None = None,
+    **kw,
 ) -> float:
-    """Hit rate of :class:`ExpertCache`'s three-signal eviction (no predictor)."""
+    """Hit rate of :class:`ExpertCache`'s three-signal eviction.
+
+    ``predictions`` (optional) is aligned with ``requests``: entry ``i``, when
+    not None, maps a layer to f32 ``[E]`` probabilities of use and is handed to
+    :meth:`ExpertCache.set_predictions` just before request ``i`` (after its
+    layer visit began); without it the predicted signal stays 0.
+    """
     c = ExpertCache(slots, num_layers, num_experts, **kw)
     hits = n = 0
     group: set[int] = set()  # keys of the current fetch (one layer of one token)
-    for k in requests:
+    everyone = range(num_experts)
+    for i, k in enumerate(requests):
         n += 1
         layer = k // num_experts
         if layer != c.layer or k in group:
             c.begin_layer(layer)
             group.clear()
+        if predictions is not None and predictions[i] is not None:
+            for target, scores in predictions[i].items():
+                c.set_predictions(target, everyone, scores)
         group.add(k)
         c.on_request(k)
         if c.find(k) is not None:

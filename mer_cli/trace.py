@@ -20,10 +20,13 @@ from typing import Any
 import numpy as np
 
 from mer_cli import kernels as K
+from mer_cli.errors import UsageError
 from mer_cli.formats.trace import (
+    DEFAULT_LOOKAHEAD,
     DEFAULT_SKETCH_DIM,
     DEFAULT_SKETCH_SEED,
     FORMAT,
+    MAX_LOOKAHEAD,
     VERSION,
     Trace,
     make_projection,
@@ -41,6 +44,9 @@ class TraceRecorder:
         The recorder installs itself as ``engine.moe_hook``.
     sketch_dim, seed : int
         Width and seed of the random projection of the residual stream.
+    lookahead : int
+        Router-lookahead distances to record (0..3): layer ``l+d``'s norm and
+        router applied to the residual entering layer ``l``, ``d = 1..A``.
     """
 
     def __init__(
@@ -48,9 +54,12 @@ class TraceRecorder:
         engine,
         sketch_dim: int = DEFAULT_SKETCH_DIM,
         seed: int = DEFAULT_SKETCH_SEED,
+        lookahead: int = DEFAULT_LOOKAHEAD,
     ) -> None:
         cfg = engine.cfg
+        check_lookahead(lookahead)
         self.engine = engine
+        self.depth = lookahead
         self.projection = make_projection(cfg.hidden_size, sketch_dim, seed)  # [D,S]
         self.meta: dict[str, Any] = {
             "format": FORMAT,
@@ -64,12 +73,13 @@ class TraceRecorder:
             "sketch_dim": sketch_dim,
             "sketch_seed": seed,
             "created_by": _created_by(),
+            "lookahead_depth": lookahead,
         }
         self._parts: dict[str, list[np.ndarray]] = {
             n: [] for n in ("tokens", "positions", "prompt")
         }
         self._layers: dict[str, list[np.ndarray]] = {
-            n: [] for n in ("experts", "weights", "probs", "sketch")
+            n: [] for n in ("experts", "weights", "probs", "sketch", "lookahead")
         }
         self._prompt = -1
         engine.moe_hook = self
@@ -90,6 +100,8 @@ class TraceRecorder:
             self._layers["weights"].append(np.empty((T, L, cfg.top_k), np.float16))
             self._layers["probs"].append(np.empty((T, L, cfg.num_experts), np.float16))
             self._layers["sketch"].append(np.empty((T, L, S), np.float16))
+            A, E = self.depth, cfg.num_experts
+            self._layers["lookahead"].append(np.zeros((T, L, A, E), np.float16))
         i = ev.layer
         # the router logits again, as moe_block computed them (same kernel, input)
         router = self.engine.layers[i].router
@@ -98,6 +110,11 @@ class TraceRecorder:
         self._layers["weights"][-1][:, i] = ev.weights
         self._layers["probs"][-1][:, i] = probs
         self._layers["sketch"][-1][:, i] = sketch(ev.residual, self.projection)
+        for d in range(1, min(self.depth, L - 1 - i) + 1):
+            nxt = self.engine.layers[i + d]
+            h = K.rms_norm(ev.residual, nxt.ffn_norm, cfg.rms_norm_eps)
+            p = K.softmax(np.asarray(K.linear(nxt.router, h), np.float32))
+            self._layers["lookahead"][-1][:, i, d - 1] = p
 
     def finish(self) -> Trace:
         """The trace of everything recorded so far (the engine stays hooked)."""
@@ -111,6 +128,7 @@ class TraceRecorder:
             "weights": (0, L, cfg.top_k),
             "probs": (0, L, cfg.num_experts),
             "sketch": (0, L, S),
+            "lookahead": (0, L, self.depth, cfg.num_experts),
         }
         dtypes = {"tokens": np.int32, "positions": np.int32, "prompt": np.int32}
         dtypes |= {"experts": np.int16}
@@ -120,7 +138,18 @@ class TraceRecorder:
                 arrays[name] = np.concatenate(parts)
             else:
                 arrays[name] = np.empty(empty[name], dtypes.get(name, np.float16))
+        if not self.depth:
+            del arrays["lookahead"]
         return Trace(meta=dict(self.meta), projection=self.projection, **arrays)
+
+
+def check_lookahead(depth: int) -> int:
+    """``depth`` if it is a valid router-lookahead depth, else :class:`UsageError`."""
+    if not 0 <= depth <= MAX_LOOKAHEAD:
+        raise UsageError(
+            f"--lookahead {depth}: expected a whole number 0..{MAX_LOOKAHEAD}"
+        )
+    return depth
 
 
 def sketch(residual: np.ndarray, projection: np.ndarray) -> np.ndarray:
@@ -137,6 +166,7 @@ def trace(
     max_tokens: int = 64,
     sketch_dim: int = DEFAULT_SKETCH_DIM,
     seed: int = DEFAULT_SKETCH_SEED,
+    lookahead: int = DEFAULT_LOOKAHEAD,
     ram_budget: Any = None,
     ctx: int | None = None,
     threads: int | None = None,
@@ -154,6 +184,7 @@ def trace(
     max_tokens : tokens to generate after each prompt (greedy); 0 traces the
         prompts alone.
     sketch_dim, seed : the residual-stream projection's width and seed.
+    lookahead : router-lookahead distances to record (0..3, see mer-trace(5)).
     ram_budget : bytes or a size string for cached experts (streams above it).
     progress : show a tqdm bar (prompts) on stderr.
 
@@ -169,13 +200,14 @@ def trace(
     options = GenerateOptions(max_tokens=max_tokens, temperature=0.0)
     options.check()
     make_projection(1, sketch_dim, seed)  # checks --sketch-dim before any work
+    check_lookahead(lookahead)
     store = Store.open(model)
     plan = plan_source(store, SourceOptions(ram_budget=ram_budget), config or Config())
     engine, tok = load(
         model, ctx=ctx, threads=threads, source=lambda st: open_source(st, plan)
     )
     try:
-        rec = TraceRecorder(engine, sketch_dim, seed)
+        rec = TraceRecorder(engine, sketch_dim, seed, lookahead)
         bar = None
         if progress:
             from tqdm import tqdm

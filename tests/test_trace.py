@@ -154,7 +154,8 @@ def test_round_trip_and_plain_numpy(mixtral_trace, tmp_path):
     )
     fixed = t.projection.nbytes
     size = t.path.stat().st_size
-    assert 0 <= size - fixed - t.num_tokens * bytes_per_token(L, E, K, S) < 4096
+    A = t.meta["lookahead_depth"]
+    assert 0 <= size - fixed - t.num_tokens * bytes_per_token(L, E, K, S, A) < 4096
     assert bytes_per_token(32, 8, 2, 64) == 4876  # Mixtral, see mer-trace(5)
 
 

@@ -91,7 +91,15 @@ import click
     "--prefetch/--no-prefetch",
     default=True,
     show_default=True,
-    help="Read the next layer's likely experts ahead (router lookahead).",
+    help="Read the next layers' likely experts ahead (router lookahead, or "
+    "--predictor), only while live precision says it pays.",
+)
+@click.option(
+    "--predictor",
+    type=click.Path(dir_okay=False),
+    metavar="PRED",
+    help="Rank prefetches with this predictor (from mer train-predictor on traces "
+    "of this store) instead of router lookahead.",
 )
 @click.option(
     "--verify-checksums",
@@ -136,6 +144,7 @@ def command(
     stream: bool | None,
     io_threads: int | None,
     prefetch: bool,
+    predictor: str | None,
     verify_checksums: bool,
     no_io_measure: bool,
     trace_out: str | None,
@@ -155,6 +164,17 @@ def command(
     quick measurement), the hit rate beside LRU's and Belady's optimum, the time
     stalled on reads, prefetch precision/recall and the peak RSS.
 
+    Prefetch reads the experts the next layers are likely to ask for while the
+    current one computes: by default router lookahead (the next layer's router
+    on this layer's hidden state); with --predictor PRED the predictor's scores
+    for the next 1-3 layers, which also feed the cache's eviction. A throttle
+    calibrates the scores by how often hinted experts were really used and
+    issues a read only when that probability pays for the demand time a wasted
+    read costs (the share of time spent stalled on reads), with no more in
+    flight than the drive reads during one layer's compute; when precision
+    collapses prefetch turns itself off and only probes now and then. Demand
+    reads always go first. --stats shows what the throttle did.
+
     \b
     Examples:
       mer generate --model mixtral.mer --prompt "The capital of France is"
@@ -162,10 +182,12 @@ def command(
       mer generate --model m.mer --prompts-file prompts.jsonl --json > out.jsonl
       mer generate --model m.mer --prompt "Once" --temperature 0.8 --seed 1 --stats
       mer generate --model mixtral.mer --prompt "Hi" --ram-budget 4GiB --stats
+      mer generate --model m.mer --prompt "Hi" --predictor m.pred.npz --stats
     """
     from mer_cli.config import load_config
     from mer_cli.formats.store import Store
     from mer_cli.generate import GenerateOptions, generate_many, load, read_prompts
+    from mer_cli.prefetch import use_predictor
     from mer_cli.sources import SourceOptions, open_source, plan_source, read_ceiling
 
     if not model:
@@ -198,6 +220,16 @@ def command(
         verify_checksums=verify_checksums,
     )
     store = Store.open(model)
+    pred = None
+    if predictor:  # checked against the store before anything loads
+        if not prefetch:
+            raise click.UsageError(
+                f"--predictor {predictor} ranks prefetches, which --no-prefetch "
+                "turns off; drop one of them"
+            )
+        from mer_cli.predictors import load_predictor
+
+        pred = load_predictor(predictor, store)
     plan = plan_source(store, source_options, cfg)
     ceiling = None
     if stats or as_json:  # before the slots exist: its buffers never add to them
@@ -209,6 +241,7 @@ def command(
         threads=cfg.threads if threads is None else threads,
         source=lambda st: open_source(st, plan),
     )
+    use_predictor(engine, pred)
     recorder = None
     if trace_out:
         from mer_cli.trace import TraceRecorder
@@ -302,3 +335,15 @@ def _print_io(s: dict, io: dict) -> None:
         f"{pct(io.get('prefetch_recall'))}",
         err=True,
     )
+    th = src.get("prefetch_throttle")
+    if th and src.get("prefetch_hints") != "off":
+        click.echo(
+            f"prefetch ({src.get('prefetch_hints', '?')}): throttle {th['state']}, "
+            f"{th['issued']} issued ({th['probes']} probes), skipped "
+            f"{th['skipped_benefit']} (benefit below cost) and "
+            f"{th['skipped_bandwidth']} (no spare bandwidth); live precision "
+            f"{pct(th['live_precision'])}, hints used {pct(th['predictor_precision'])} "
+            f"of {th['candidates_checked']}; stall share {pct(th['stall_share'])} "
+            f"-> issue above p = {th['threshold']:.2f}",
+            err=True,
+        )

@@ -40,6 +40,13 @@ import click
     "--seed", default=0, show_default=True, help="Seed of the random projection."
 )
 @click.option(
+    "--lookahead",
+    default=3,
+    show_default=True,
+    help="Also record layers l+1..l+N's routers applied to the hidden state "
+    "entering layer l (router lookahead, the predictor baseline); 0 to omit.",
+)
+@click.option(
     "--ram-budget",
     metavar="SIZE",
     help="DRAM for cached experts, e.g. 6GiB [default: config ram_budget, else "
@@ -65,6 +72,7 @@ def command(
     max_tokens: int,
     sketch_dim: int,
     seed: int,
+    lookahead: int,
     ram_budget: str | None,
     threads: int | None,
     ctx: int | None,
@@ -100,6 +108,7 @@ def command(
         max_tokens=max_tokens,
         sketch_dim=sketch_dim,
         seed=seed,
+        lookahead=lookahead,
         ram_budget=ram_budget,
         ctx=ctx,
         threads=cfg.threads if threads is None else threads,

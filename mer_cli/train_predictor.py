@@ -1,0 +1,618 @@
+"""Fit expert predictors on routing traces and score them on held-out prompts.
+
+::
+
+    from mer_cli.train_predictor import train_predictor, format_report
+    report = train_predictor(["a.trace.npz"], "a.pred.npz", holdout=0.2)
+    print(format_report(report))
+
+The traces' prompts are split (seeded) into training and held-out prompts --
+by prompt, never by token, so no held-out token's neighbours were seen in
+training. On the held-out tokens every predictor (router lookahead from the
+trace, per-layer frequency, Markov, MLP) is scored by recall@k and
+precision@k per lookahead distance, and the request sequence is replayed
+through LRU, the three-signal cache policy (:mod:`mer_cli.cache`, without and
+with each predictor's scores) and Belady's MIN under several byte budgets.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mer_cli.errors import UsageError
+from mer_cli.formats.trace import Trace, lookahead_depth, merge
+from mer_cli.predictors import (
+    FORMAT,
+    MAX_DISTANCE,
+    VERSION,
+    MarkovPredictor,
+    MLPPredictor,
+    Predictor,
+    context_keys,
+    mlp_forward,
+    mlp_inputs,
+    multi_hot,
+    set_codes,
+)
+
+DEFAULT_BUDGETS = (0.10, 0.25, 0.50)
+
+# ======================================================================= data
+
+
+def split_by_prompt(
+    trace: Trace, holdout: float, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """bool ``[N]`` masks of training and held-out tokens: a seeded random
+    ``holdout`` share of the prompts (at least one, never all) is held out."""
+    P = trace.num_prompts
+    if not 0 < holdout < 1:
+        raise UsageError(f"--holdout {holdout}: expected a share between 0 and 1")
+    if P < 2:
+        raise UsageError(
+            f"{trace.path or 'trace'}: holds {P} prompt(s); a held-out split needs "
+            "at least 2: trace more prompts (mer trace --prompts FILE)"
+        )
+    n = min(P - 1, max(1, round(holdout * P)))
+    held = np.random.default_rng(seed).permutation(P)[:n]
+    test = np.isin(trace.prompt, held)
+    return ~test, test
+
+
+def subset(trace: Trace, mask: np.ndarray) -> Trace:
+    """The tokens of ``trace`` where ``mask`` (bool ``[N]``), same meta."""
+    arrays = {k: v[mask] for k, v in trace.arrays().items() if k != "projection"}
+    # prompts renumbered 0.. in order of appearance
+    arrays["prompt"] = np.unique(arrays["prompt"], return_inverse=True)[1].astype(
+        np.int32
+    )
+    return Trace(meta=dict(trace.meta), projection=trace.projection, **arrays)
+
+
+def has_previous(trace: Trace) -> np.ndarray:
+    """bool ``[N]``: the token before is of the same sequence."""
+    hp = np.zeros(trace.num_tokens, bool)
+    hp[1:] = (trace.positions[1:] != 0) & (trace.prompt[1:] == trace.prompt[:-1])
+    return hp
+
+
+def predictor_meta(trace: Trace, kind: str, max_distance: int) -> dict[str, Any]:
+    """meta.json of a predictor fitted on ``trace`` (its model fields)."""
+    from mer_cli import __version__
+
+    m = trace.meta
+    keys = ("store_id", "arch", "num_layers", "num_experts", "top_k")
+    keys += ("hidden_size", "sketch_dim", "sketch_seed")
+    return {
+        "format": FORMAT,
+        "version": VERSION,
+        "kind": kind,
+        **{k: m[k] for k in keys},
+        "max_distance": max_distance,
+        "created_by": f"mer-cli {__version__}",
+        "training": {"tokens": trace.num_tokens, "prompts": trace.num_prompts},
+    }
+
+
+# ===================================================================== markov
+
+
+def fit_markov(
+    trace: Trace, max_distance: int = MAX_DISTANCE, beta: float = 2.0
+) -> MarkovPredictor:
+    """Count expert-set transitions in ``trace`` and fit the combiner.
+
+    Tables: for every source layer ``l`` and distance ``d`` (``l+d < L``),
+    how often each expert was in ``E[l+d]`` after the context ``E[l]``
+    (first order) and ``(E[l], E[l-1])`` (second order); per-layer
+    frequencies; the temporal table P(e in E[l](t) | e in / not in
+    E[l](t-1)). The logistic combiner of the four estimates is then fitted per
+    distance on the same tokens with leave-one-out counts.
+    """
+    L, E = trace.meta["num_layers"], trace.meta["num_experts"]
+    A = max_distance
+    X = multi_hot(trace.experts, E)  # [N, L, E]
+    N = X.shape[0]
+    freq = (X.sum(0) + 0.5) / (N + 1.0)  # [L, E]
+    hp = has_previous(trace)
+    prev, cur = X[:-1][hp[1:]], X[1:][hp[1:]]  # [M, L, E]
+    temporal = np.empty((L, 2, E))
+    for bit, sel in ((1, prev), (0, ~prev)):
+        hits = (cur & sel).sum(0)
+        temporal[:, bit] = (hits + freq) / (sel.sum(0) + 1.0)
+    codes = set_codes(X)  # [N, L]
+    tables = {}
+    for order in (1, 2):
+        keys, ys = [], []
+        for layer in range(order - 1, L - 1):
+            below = codes[:, layer - 1] if order == 2 else None
+            for d in range(1, min(A, L - 1 - layer) + 1):
+                keys.append(context_keys(layer, d, codes[:, layer], below))
+                ys.append(X[:, layer + d])
+        if keys:
+            k, inv = np.unique(np.concatenate(keys), return_inverse=True)
+            y = np.concatenate(ys)
+            n = np.bincount(inv, minlength=len(k))
+            c = np.stack(
+                [np.bincount(inv, y[:, e], minlength=len(k)) for e in range(E)], 1
+            )
+        else:
+            k, n, c = np.empty(0, np.uint64), np.empty(0), np.empty((0, E))
+        tables[f"o{order}_keys"] = k.astype(np.uint64)
+        tables[f"o{order}_n"] = n.astype(np.int32)
+        tables[f"o{order}_counts"] = c.astype(np.int32)
+    arrays = {
+        "freq": freq.astype(np.float32),
+        "temporal": temporal.astype(np.float32),
+        **tables,
+        "mix": np.zeros((A, 5), np.float32),
+        "beta": np.array(beta, np.float32),
+    }
+    pred = MarkovPredictor(predictor_meta(trace, "markov", A), arrays)
+    # combiner: per distance, on up to 4000 tokens, leave-one-out counts
+    rows = np.random.default_rng(0).permutation(N)[: min(N, 4000)]
+    for d in range(1, A + 1):
+        fs, ys = [], []
+        for layer in range(L - d):
+            xl = X[rows, layer]
+            below = X[rows, layer - 1] if layer else None
+            y = X[rows, layer + d]
+            pv = np.zeros_like(y)
+            ok = hp[rows]
+            pv[ok] = X[rows[ok] - 1, layer + d]
+            fs.append(pred.features(layer, d, xl, below, pv, ok, exclude=y))
+            ys.append(y)
+        if fs:
+            f = np.concatenate(fs).reshape(-1, 5)
+            arrays["mix"][d - 1] = _logistic(f, np.concatenate(ys).reshape(-1))
+        else:  # no layer that far ahead: plain second-order estimate
+            arrays["mix"][d - 1] = [1, 0, 0, 0, 0]
+    return pred
+
+
+def _logistic(f: np.ndarray, y: np.ndarray, l2: float = 1e-3) -> np.ndarray:
+    """Weights ``[F]`` of a logistic regression of bool ``y`` ``[n]`` on ``f``
+    ``[n, F]`` (Newton's method, a little L2 against separable data)."""
+    w = np.zeros(f.shape[1])
+    w[0] = 1.0  # start from the second-order estimate alone
+    y = y.astype(np.float64)
+    for _ in range(30):
+        p = 0.5 * (1 + np.tanh(0.5 * (f @ w)))
+        g = f.T @ (p - y) + l2 * w
+        h = (f * (p * (1 - p))[:, None]).T @ f + l2 * np.eye(len(w))
+        step = np.linalg.solve(h, g)
+        w -= step
+        if np.abs(step).max() < 1e-6:
+            break
+    return w
+
+
+# ======================================================================== mlp
+
+
+def _mlp_data(
+    trace: Trace, A: int, mu: np.ndarray, sd: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Inputs f32 ``[L, N, F]``, targets f32 ``[L, N, A*E]`` and their mask
+    (``l + d < L``) ``[L, 1, A*E]``, every token with its previous one known."""
+    L, E = trace.meta["num_layers"], trace.meta["num_experts"]
+    X = multi_hot(trace.experts, E)
+    N = X.shape[0]
+    hp = has_previous(trace)
+    zs, ys = [], []
+    mask = np.zeros((L, 1, A * E), np.float32)
+    for layer in range(L):
+        n = min(A, L - 1 - layer)
+        prev = np.zeros((N, A, E), bool)
+        y = np.zeros((N, A, E), bool)
+        for d in range(1, n + 1):
+            prev[1:, d - 1] = X[:-1, layer + d]
+            y[:, d - 1] = X[:, layer + d]
+        mask[layer, 0, : n * E] = 1
+        has = np.repeat(hp[:, None], A, 1)
+        has[:, n:] = False
+        below = X[:, layer - 1] if layer else None
+        sk = (trace.sketch[:, layer].astype(np.float32) - mu[layer]) / sd[layer]
+        zs.append(mlp_inputs(sk, X[:, layer], below, prev, has))
+        ys.append(y.reshape(N, A * E))
+    return np.stack(zs), np.stack(ys).astype(np.float32), mask
+
+
+def fit_mlp(
+    train: Trace,
+    valid: Trace | None = None,
+    *,
+    max_distance: int = MAX_DISTANCE,
+    hidden: int = 128,
+    epochs: int = 60,
+    batch: int = 256,
+    lr: float = 2e-3,
+    weight_decay: float = 1e-4,
+    patience: int = 8,
+    seed: int = 0,
+    progress: bool = True,
+) -> MLPPredictor:
+    """Train the per-layer MLPs with Adam on binary cross-entropy.
+
+    One ReLU layer of ``hidden`` units per source layer; the epoch with the
+    lowest loss on ``valid`` (when given; else the last) is kept, and
+    training stops after ``patience`` epochs without improvement.
+    """
+    L, E = train.meta["num_layers"], train.meta["num_experts"]
+    A = max_distance
+    sk = train.sketch.astype(np.float32)  # [N, L, S]
+    mu = sk.mean(0)
+    sd = np.maximum(sk.std(0), 1e-3 * max(float(sk.std()), 1e-12))
+    sd = np.maximum(sd, 1e-12)
+    Z, Y, M = _mlp_data(train, A, mu, sd)
+    F = Z.shape[2]
+    rng = np.random.default_rng(seed)
+    w = {
+        "w1": (rng.standard_normal((L, F, hidden)) * np.sqrt(2.0 / F)),
+        "b1": np.zeros((L, hidden)),
+        "w2": (rng.standard_normal((L, hidden, A * E)) * np.sqrt(1.0 / hidden)),
+        "b2": _logit_of(Y.mean(1)),  # [L, A*E]: start from the base rates
+    }
+    w = {k: v.astype(np.float32) for k, v in w.items()}
+    vdata = _mlp_data(valid, A, mu, sd) if valid is not None else None
+    adam = {k: (np.zeros_like(v), np.zeros_like(v)) for k, v in w.items()}
+    b1_, b2_, eps = 0.9, 0.999, 1e-8
+    N = Z.shape[1]
+    best, best_w, stale, step = np.inf, None, 0, 0
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=epochs, unit="epoch", desc="mlp", leave=False)
+    for _epoch in range(epochs):
+        order = rng.permutation(N)
+        for i in range(0, N, batch):
+            idx = order[i : i + batch]
+            grads = _mlp_grads(w, Z[:, idx], Y[:, idx], M)
+            step += 1
+            for k, g in grads.items():
+                m, v = adam[k]
+                m *= b1_
+                m += (1 - b1_) * g
+                v *= b2_
+                v += (1 - b2_) * g * g
+                mh = m / (1 - b1_**step)
+                vh = v / (1 - b2_**step)
+                w[k] -= lr * (mh / (np.sqrt(vh) + eps) + weight_decay * w[k])
+        if vdata is not None:
+            loss = _mlp_loss(w, *vdata)
+            if loss < best - 1e-5:
+                best, best_w, stale = loss, {k: v.copy() for k, v in w.items()}, 0
+            else:
+                stale += 1
+        if bar is not None:
+            bar.set_postfix(valid_loss=f"{best:.4f}" if vdata else "-")
+            bar.update(1)
+        if stale >= patience:
+            break
+    if bar is not None:
+        bar.close()
+    w = best_w or w
+    arrays = {
+        "projection": train.projection.astype(np.float32),
+        "mu": mu.astype(np.float32),
+        "sd": sd.astype(np.float32),
+        **{k: v.astype(np.float32) for k, v in w.items()},
+    }
+    meta = predictor_meta(train, "mlp", A)
+    meta["training"] |= {"hidden": hidden, "epochs": _epoch + 1, "valid_loss": best}
+    if not np.isfinite(best):
+        meta["training"]["valid_loss"] = None
+    return MLPPredictor(meta, arrays)
+
+
+def _logit_of(p: np.ndarray) -> np.ndarray:
+    p = np.clip(p, 1e-3, 1 - 1e-3)
+    return np.log(p / (1 - p))
+
+
+def _mlp_loss(w: dict, Z: np.ndarray, Y: np.ndarray, M: np.ndarray) -> float:
+    """Mean masked binary cross-entropy of the MLPs on ``Z`` ``[L, N, F]``."""
+    total = 0.0
+    for layer in range(Z.shape[0]):
+        o = mlp_forward(w, layer, Z[layer])[0]
+        bce = np.logaddexp(0, o) - Y[layer] * o
+        total += float((bce * M[layer]).sum())
+    return total / max(float(M.sum()) * Z.shape[1], 1.0)
+
+
+def _mlp_grads(w: dict, Z: np.ndarray, Y: np.ndarray, M: np.ndarray) -> dict:
+    """Gradients of the mean masked BCE for a batch (``[L, B, ...]``)."""
+    H = np.maximum(Z @ w["w1"] + w["b1"][:, None], 0.0)  # [L, B, H]
+    logits = H @ w["w2"] + w["b2"][:, None]  # [L, B, A*E]
+    P = 0.5 * (1 + np.tanh(0.5 * logits))
+    dO = (P - Y) * M / max(float(M.sum()) * Z.shape[1], 1.0)
+    dH = (dO @ w["w2"].transpose(0, 2, 1)) * (H > 0)
+    return {
+        "w2": H.transpose(0, 2, 1) @ dO,
+        "b2": dO.sum(1),
+        "w1": Z.transpose(0, 2, 1) @ dH,
+        "b1": dH.sum(1),
+    }
+
+
+# ================================================================= evaluation
+
+
+def recall_precision(
+    scores: np.ndarray, experts: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """recall@k and precision@k per distance.
+
+    Parameters
+    ----------
+    scores : f32 ``[N, L, A, E]`` -- ``scores[n, l, d-1]`` predicts layer
+        ``l+d`` of token ``n``.
+    experts : int ``[N, L, K]`` -- what the router selected.
+    k : experts predicted (the top k of the scores).
+
+    Returns
+    -------
+    recall, precision : f64 ``[A]`` -- over all (n, l) with ``l + d < L``:
+        hits / (K * count) and hits / (k * count), hits = |top-k & actual|.
+    """
+    N, L, A, E = scores.shape
+    K = experts.shape[-1]
+    X = multi_hot(experts, E)
+    top = np.argsort(-scores, axis=-1, kind="stable")[..., :k]  # [N, L, A, k]
+    rec, prec = np.full(A, np.nan), np.full(A, np.nan)
+    for d in range(1, A + 1):
+        if L - d <= 0 or N == 0:
+            continue
+        actual = X[:, d:]  # [N, L-d, E]
+        hits = np.take_along_axis(actual, top[:, : L - d, d - 1], -1).sum()
+        count = N * (L - d)
+        rec[d - 1] = hits / (K * count)
+        prec[d - 1] = hits / (k * count)
+    return rec, prec
+
+
+def requests_of(experts: np.ndarray, num_experts: int) -> np.ndarray:
+    """int64 ``[N*L*K]`` cache keys ``layer * E + expert`` in compute order."""
+    N, L, K = experts.shape
+    return (np.arange(L)[None, :, None] * num_experts + experts).reshape(-1)
+
+
+def predictions_of(scores: np.ndarray, K: int) -> list[dict[int, np.ndarray] | None]:
+    """Per request (aligned with :func:`requests_of`): the predictions made
+    when the visit of (token, layer) begins -- ``{l+d: scores[n, l, d-1]}``."""
+    N, L, A, E = scores.shape
+    out: list[dict[int, np.ndarray] | None] = []
+    for n in range(N):
+        for layer in range(L):
+            out.append(
+                {
+                    layer + d: scores[n, layer, d - 1]
+                    for d in range(1, min(A, L - 1 - layer) + 1)
+                }
+            )
+            out.extend([None] * (K - 1))
+    return out
+
+
+def hit_rates(
+    experts: np.ndarray,
+    num_experts: int,
+    budgets: Sequence[float],
+    predicted: dict[str, np.ndarray],
+) -> list[dict[str, Any]]:
+    """Simulated hit rates per budget (a share of all expert bytes; experts
+    are equal-sized extents, so a share of bytes is a share of slots): LRU,
+    the three-signal policy without a predictor and with each of
+    ``predicted`` (name -> scores ``[N, L, A, E]``), Belady's MIN."""
+    from mer_cli.cache import simulate_belady, simulate_lru, simulate_policy
+
+    N, L, K = experts.shape
+    reqs = requests_of(experts, num_experts).tolist()
+    preds = {name: predictions_of(s, K) for name, s in predicted.items()}
+    rows = []
+    for share in budgets:
+        slots = max(1, round(share * L * num_experts))
+        row: dict[str, Any] = {"budget": share, "slots": slots}
+        row["lru"] = simulate_lru(reqs, slots)
+        row["policy"] = simulate_policy(reqs, slots, L, num_experts)
+        for name, p in preds.items():
+            row[f"policy+{name}"] = simulate_policy(reqs, slots, L, num_experts, p)
+        row["belady"] = simulate_belady(reqs, slots)
+        rows.append(row)
+    return rows
+
+
+@dataclass
+class Report:
+    """What :func:`train_predictor` measured (held-out figures)."""
+
+    traces: list[str]
+    train_tokens: int
+    train_prompts: int
+    test_tokens: int
+    test_prompts: int
+    top_k: int
+    num_experts: int
+    max_distance: int
+    chosen: str
+    output: str
+    # name -> k -> {"recall": [A], "precision": [A]}
+    quality: dict[str, dict[int, dict[str, list[float]]]] = field(default_factory=dict)
+    hit_rates: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def evaluate(
+    test: Trace, predictors: dict[str, np.ndarray], ks: Sequence[int]
+) -> dict[str, dict[int, dict[str, list[float]]]]:
+    """recall@k / precision@k of each predictor's scores on ``test``."""
+    out: dict[str, dict[int, dict[str, list[float]]]] = {}
+    for name, s in predictors.items():
+        out[name] = {}
+        for k in ks:
+            r, p = recall_precision(s, test.experts, k)
+            out[name][k] = {"recall": r.tolist(), "precision": p.tolist()}
+    return out
+
+
+def frequency_scores(train: Trace, test: Trace, A: int) -> np.ndarray:
+    """The per-layer frequency baseline: f32 ``[N, L, A, E]``."""
+    L, E = train.meta["num_layers"], train.meta["num_experts"]
+    f = multi_hot(train.experts, E).mean(0)  # [L, E]
+    out = np.zeros((test.num_tokens, L, A, E), np.float32)
+    for d in range(1, A + 1):
+        out[:, : L - d, d - 1] = f[d:]
+    return out
+
+
+def router_scores(test: Trace, A: int) -> np.ndarray | None:
+    """Router lookahead from the trace's ``lookahead`` member (None without)."""
+    depth = lookahead_depth(test.meta)
+    if not depth:
+        return None
+    L, E = test.meta["num_layers"], test.meta["num_experts"]
+    out = np.zeros((test.num_tokens, L, A, E), np.float32)
+    n = min(A, depth)
+    out[:, :, :n] = test.lookahead[:, :, :n].astype(np.float32)
+    return out
+
+
+def train_predictor(
+    traces: Sequence[str | os.PathLike],
+    output: str | os.PathLike,
+    *,
+    holdout: float = 0.2,
+    kind: str = "best",
+    max_distance: int = MAX_DISTANCE,
+    hidden: int = 128,
+    epochs: int = 60,
+    budgets: Sequence[float] = DEFAULT_BUDGETS,
+    seed: int = 0,
+    plot: str | os.PathLike | None = None,
+    progress: bool = True,
+) -> Report:
+    """Fit the Markov and MLP predictors on the training prompts of
+    ``traces``, score every predictor on the held-out prompts, and save one
+    predictor to ``output`` (``kind``: ``markov``, ``mlp`` or ``best`` -- the
+    higher held-out recall@K one layer ahead).
+
+    Returns the :class:`Report` (held-out figures); ``plot`` also draws the
+    expert-usage heatmap and recall-vs-distance curves to a PNG.
+    """
+    if kind not in ("best", "markov", "mlp"):
+        raise UsageError(f"--kind {kind}: expected best, markov or mlp")
+    if not 1 <= max_distance <= MAX_DISTANCE:
+        raise UsageError(f"--distance {max_distance}: expected 1..{MAX_DISTANCE}")
+    if not budgets or any(not 0 < b <= 1 for b in budgets):
+        raise UsageError(f"--budgets {list(budgets)}: expected shares in (0, 1]")
+    if plot is not None:
+        from mer_cli.plot import require_matplotlib
+
+        require_matplotlib()
+    loaded = [Trace.load(t) for t in traces]
+    trace = merge(loaded) if len(loaded) > 1 else loaded[0]
+    if trace.meta["num_layers"] < 2:
+        raise UsageError(
+            f"{traces[0]}: the model has 1 MoE layer; predictors guess later layers"
+        )
+    A = min(max_distance, trace.meta["num_layers"] - 1)
+    tr_mask, te_mask = split_by_prompt(trace, holdout, seed)
+    train, test = subset(trace, tr_mask), subset(trace, te_mask)
+    # a validation share of the training prompts for the MLP's early stopping
+    fit, valid = train, None
+    if train.num_prompts >= 5:
+        f_mask, v_mask = split_by_prompt(train, 0.1, seed + 1)
+        fit, valid = subset(train, f_mask), subset(train, v_mask)
+    markov = fit_markov(train, A)
+    mlp = fit_mlp(
+        fit, valid, max_distance=A, hidden=hidden, epochs=epochs, seed=seed,
+        progress=progress,
+    )  # fmt: skip
+    K, E = trace.meta["top_k"], trace.meta["num_experts"]
+    scores: dict[str, np.ndarray] = {}
+    router = router_scores(test, A)
+    if router is not None:
+        scores["router"] = router
+    scores["frequency"] = frequency_scores(train, test, A)
+    fitted: dict[str, Predictor] = {"markov": markov, "mlp": mlp}
+    for name, p in fitted.items():
+        scores[name] = p.predict_trace(test)
+    ks = [K] + ([2 * K] if 2 * K < E else [])
+    quality = evaluate(test, scores, ks)
+    if kind == "best":
+        kind = max(fitted, key=lambda n: quality[n][K]["recall"][0])
+    chosen = fitted[kind]
+    sim = {n: scores[n] for n in ("router", "markov", "mlp") if n in scores}
+    rates = hit_rates(test.experts, E, budgets, sim)
+    chosen.meta["training"] |= {
+        "traces": [str(t) for t in traces],
+        "holdout_prompts": test.num_prompts,
+        "holdout_recall_at_k": quality[kind][K]["recall"],
+    }
+    chosen.save(Path(output))
+    report = Report(
+        traces=[str(t) for t in traces],
+        train_tokens=train.num_tokens,
+        train_prompts=train.num_prompts,
+        test_tokens=test.num_tokens,
+        test_prompts=test.num_prompts,
+        top_k=K,
+        num_experts=E,
+        max_distance=A,
+        chosen=kind,
+        output=str(output),
+        quality=quality,
+        hit_rates=rates,
+    )
+    if plot is not None:
+        from mer_cli.predictor_plot import plot_predictors
+
+        plot_predictors(trace, report, plot)
+    return report
+
+
+def format_report(r: Report) -> str:
+    """The two tables (quality per predictor and distance; hit rates)."""
+    K = r.top_k
+    lines = [
+        f"held out: {r.test_tokens} tokens of {r.test_prompts} prompts "
+        f"(trained on {r.train_tokens} tokens of {r.train_prompts} prompts)",
+        "",
+    ]
+    ks = sorted({int(k) for q in r.quality.values() for k in q})
+    head = f"{'predictor':<10} {'d':>2}"
+    for k in ks:
+        head += f" {f'recall@{k}':>10} {f'prec@{k}':>8}"
+    lines.append(head)
+    for name, q in r.quality.items():
+        for d in range(1, r.max_distance + 1):
+            row = f"{name:<10} {d:>2}"
+            for k in ks:
+                rec, prec = q[k]["recall"][d - 1], q[k]["precision"][d - 1]
+                row += f" {100 * rec:>9.1f}% {100 * prec:>7.1f}%"
+            lines.append(row)
+    lines += ["", f"(top-k = {K}; the saved predictor is {r.chosen}: {r.output})", ""]
+    cols = [c for c in r.hit_rates[0] if c not in ("budget", "slots")]
+    lines.append(f"{'budget':>7} {'slots':>5} " + " ".join(f"{c:>15}" for c in cols))
+    for row in r.hit_rates:
+        cells = " ".join(f"{100 * row[c]:>14.1f}%" for c in cols)
+        lines.append(f"{100 * row['budget']:>6.0f}% {row['slots']:>5} {cells}")
+    best = f"policy+{r.chosen}"
+    lines.append("")
+    for row in r.hit_rates:
+        if row["belady"] > 0:
+            lines.append(
+                f"budget {100 * row['budget']:.0f}%: {best} reaches "
+                f"{100 * row[best] / row['belady']:.1f}% of Belady's MIN "
+                f"(LRU {100 * row['lru'] / row['belady']:.1f}%)"
+            )
+    return "\n".join(lines)
