@@ -61,6 +61,12 @@ __all__ = [
 ]
 
 _ROW_BLOCK_BYTES = 1 << 20  # f16/bf16 weights are widened this many f32 bytes at a time
+# Up to this many rows, float weights multiply one row at a time (BLAS gemv) so
+# that row t of linear(w, x) is bit-identical to linear(w, x[t]): a speculative
+# verification pass (or a decode batch) gives exactly the logits of one-token
+# steps. BLAS gemm sums in another order than gemv. Longer inputs (prefill) use
+# gemm. q4/q8 kernels are row-invariant at every T.
+ROW_INVARIANT_ROWS = 32
 
 
 def quantize_activation(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -167,14 +173,23 @@ def linear(w, x, out: np.ndarray | None = None, path: str | None = None) -> np.n
     R, C = w.shape
     T = x2.shape[0]
     res = _out_array(out, T, R, vector)
+    by_row = T <= ROW_INVARIANT_ROWS
     if w.dtype == np.float32:
-        np.dot(x2, w.T, out=res)
+        if by_row:
+            for t in range(T):
+                np.dot(w, x2[t], out=res[t])
+        else:
+            np.dot(x2, w.T, out=res)
     else:
         step = max(1, _ROW_BLOCK_BYTES // (4 * C))
         for r0 in range(0, R, step):
             blk = w[r0 : r0 + step]
             wf = bf16_to_f32(blk) if w.dtype == np.uint16 else blk.astype(np.float32)
-            res[:, r0 : r0 + step] = x2 @ wf.T
+            if by_row:
+                for t in range(T):
+                    res[t, r0 : r0 + step] = wf @ x2[t]
+            else:
+                res[:, r0 : r0 + step] = x2 @ wf.T
     if out is not None:
         return out
     return res[0] if vector else res

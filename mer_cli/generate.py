@@ -39,6 +39,9 @@ class GenerateOptions:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     chat: bool = False
+    # greedy speculative decoding (mer_cli.speculative): "lookup" or "draft"
+    speculative: str | None = None
+    draft_tokens: int = 5  # most drafted tokens verified per forward pass
 
     def sampling(self) -> SamplingOptions:
         return SamplingOptions(self.temperature, self.top_p, self.top_k, self.seed)
@@ -49,6 +52,9 @@ class GenerateOptions:
         if any(s == "" for s in self.stop):
             raise UsageError("--stop: an empty stop string would stop at once")
         self.sampling().check()
+        from mer_cli.speculative import check_options
+
+        check_options(self.speculative, self.draft_tokens, self.temperature)
 
 
 @dataclass
@@ -135,6 +141,9 @@ class Completion:
     read_ceiling : ReadCeiling, optional
         The drive's best read GB/s (:mod:`mer_cli.sources`), for the share of it
         the expert reads reached (``stats["io"]``).
+    drafter : DraftModel, optional
+        The draft model for ``options.speculative == "draft"``
+        (:mod:`mer_cli.speculative`); prompt lookup needs none.
     """
 
     def __init__(
@@ -144,10 +153,16 @@ class Completion:
         prompt: str,
         options: GenerateOptions,
         read_ceiling: Any = None,
+        drafter: Any = None,
     ):
         options.check()
+        if options.speculative == "draft" and drafter is None:
+            raise UsageError(
+                "--speculative draft needs a draft model: give --draft STORE"
+            )
         self.engine, self.tok, self.options = engine, tokenizer, options
         self.read_ceiling = read_ceiling
+        self.drafter = drafter
         self.result = GenerateResult(prompt=prompt)
         self.tokens: list[int] = []  # generated ids (EOS excluded)
         self.started = False  # the prompt was accepted and generation began
@@ -172,17 +187,34 @@ class Completion:
         stops = _StopMatcher(o.stop)
         dec = tok.decoder(ids)
         ttft = None
+        spec = None
         self.started = True
         try:
             if o.max_tokens == 0:
                 res.finish_reason = FINISH_LENGTH
                 return
-            logits = eng.prefill(ids)
-            io1 = _io_snapshot(eng.source)
-            while True:
-                token = sampler(logits)
+            if o.speculative:
+                from mer_cli.speculative import (
+                    PromptLookup,
+                    SpeculativeStats,
+                    speculative_greedy,
+                )
+
+                spec = SpeculativeStats()
+                steps = speculative_greedy(
+                    eng,
+                    self.drafter if o.speculative == "draft" else PromptLookup(),
+                    ids,
+                    draft_tokens=o.draft_tokens,
+                    max_tokens=o.max_tokens,
+                    stats=spec,
+                )
+            else:
+                steps = _plain_tokens(eng, sampler, ids)
+            for token in steps:
                 if ttft is None:
                     ttft = time.perf_counter() - t_start
+                    io1 = _io_snapshot(eng.source)
                 if tok.is_eos(token):
                     res.finish_reason = FINISH_EOS
                     break
@@ -198,10 +230,8 @@ class Completion:
                 if len(self.tokens) >= o.max_tokens:
                     res.finish_reason = FINISH_LENGTH
                     break
-                if eng.pos >= eng.ctx:
-                    res.finish_reason = FINISH_CONTEXT
-                    break
-                logits = eng.decode_step(token)
+            else:  # the steps end when the KV cache cannot take the last token
+                res.finish_reason = FINISH_CONTEXT
             piece, hit = stops.feed(dec.flush(), final=True)
             if hit:
                 res.finish_reason = FINISH_STOP
@@ -214,6 +244,8 @@ class Completion:
                 round(ttft, 6) if ttft is not None else None
             )
             res.stats["seed"] = sampler.seed if o.temperature > 0 else None
+            if spec is not None:
+                res.stats["speculative"] = spec.as_dict()
             src = eng.source.stats()
             res.stats["source"] = src
             if io0 is not None:
@@ -236,11 +268,28 @@ class Completion:
         return self.result
 
 
+def _plain_tokens(eng, sampler, ids: Sequence[int]) -> Iterator[int]:
+    """Prefill ``ids``, then one sampled token per forward pass; ends when the
+    KV cache cannot take the last token."""
+    logits = eng.prefill(ids)
+    while True:
+        token = sampler(logits)
+        yield token
+        if eng.pos >= eng.ctx:
+            return
+        logits = eng.decode_step(token)
+
+
 def generate(
-    engine, tokenizer, prompt: str, options: GenerateOptions | None = None
+    engine,
+    tokenizer,
+    prompt: str,
+    options: GenerateOptions | None = None,
+    drafter: Any = None,
 ) -> GenerateResult:
     """Complete one prompt (no streaming); see :class:`Completion`."""
-    return Completion(engine, tokenizer, prompt, options or GenerateOptions()).run()
+    options = options or GenerateOptions()
+    return Completion(engine, tokenizer, prompt, options, drafter=drafter).run()
 
 
 def generate_many(
@@ -249,12 +298,13 @@ def generate_many(
     prompts: Iterable[str],
     options: GenerateOptions | None = None,
     read_ceiling: Any = None,
+    drafter: Any = None,
 ) -> Iterator[Completion]:
     """One :class:`Completion` per prompt, run one after another (iterate each
     before taking the next)."""
     options = options or GenerateOptions()
     for p in prompts:
-        yield Completion(engine, tokenizer, p, options, read_ceiling)
+        yield Completion(engine, tokenizer, p, options, read_ceiling, drafter)
 
 
 def _io_snapshot(source) -> dict[str, float] | None:

@@ -84,6 +84,7 @@ class Timing:
     prefill_s: float = 0.0
     decode_tokens: int = 0
     decode_s: float = 0.0
+    verify_passes: int = 0  # speculative verification passes (in decode_*)
     layer_moe_s: list[float] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, float]:
@@ -266,6 +267,34 @@ class Engine:
         self.timing.decode_tokens += 1
         self.timing.decode_s += time.perf_counter() - t0
         return logits
+
+    def verify(self, ids: Sequence[int]) -> np.ndarray:
+        """Speculative decoding: the last token and ``k`` drafted ones, ``ids``
+        ``[k+1]``, in ONE forward pass (each expert is fetched once for all of
+        them); f32 logits ``[k+1, V]``, row ``i`` predicting the token after
+        ``ids[i]``. Timed as decode. Every row is bit-identical to what
+        :meth:`decode_step` would give at that position (the kernels are
+        row-invariant), so greedy acceptance reproduces plain greedy decoding.
+        Follow with :meth:`truncate` to drop the rejected drafts."""
+        ids = np.asarray(ids, np.int64).reshape(-1)
+        t0 = time.perf_counter()
+        logits = self.forward(ids, all_logits=True)
+        self.timing.decode_tokens += ids.size
+        self.timing.decode_s += time.perf_counter() - t0
+        self.timing.verify_passes += 1
+        return logits
+
+    def truncate(self, pos: int) -> None:
+        """Forget positions ``pos..`` of the KV cache (rejected drafts).
+
+        Positions dropped are taken off the decode token count: ``decode_tok_s``
+        stays tokens kept per second of decode time.
+        """
+        n = self.cache.length
+        if not 0 <= pos <= n:
+            raise ValueError(f"truncate({pos}): the cache holds {n} positions")
+        self.cache.length = pos
+        self.timing.decode_tokens -= min(n - pos, self.timing.decode_tokens)
 
     def forward(self, ids: np.ndarray, all_logits: bool = False) -> np.ndarray:
         """Tokens ``ids`` ``[T]`` at positions ``pos..pos+T-1``; f32 logits

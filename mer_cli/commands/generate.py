@@ -49,6 +49,26 @@ import click
 @click.option(
     "--chat", is_flag=True, help="Wrap the prompt in the store's chat template."
 )
+@click.option(
+    "--speculative",
+    type=click.Choice(["lookup", "draft"]),
+    help="Speculative greedy decoding, same output, fewer forward passes: lookup "
+    "drafts by copying from the prompt and text so far (n-gram match); draft "
+    "drafts with the smaller model of --draft.",
+)
+@click.option(
+    "--draft",
+    metavar="STORE",
+    help="Draft model for --speculative draft (implies it): a smaller store with "
+    "the same tokenizer, held in RAM.",
+)
+@click.option(
+    "--draft-tokens",
+    default=5,
+    show_default=True,
+    metavar="K",
+    help="Most drafted tokens checked per forward pass (1-31).",
+)
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per prompt.")
 @click.option(
     "--stats",
@@ -135,6 +155,9 @@ def command(
     seed: int | None,
     stop: tuple[str, ...],
     chat: bool,
+    speculative: str | None,
+    draft: str | None,
+    draft_tokens: int,
     as_json: bool,
     stats: bool,
     threads: int | None,
@@ -164,6 +187,12 @@ def command(
     quick measurement), the hit rate beside LRU's and Belady's optimum, the time
     stalled on reads, prefetch precision/recall and the peak RSS.
 
+    --speculative (greedy only) drafts up to --draft-tokens tokens and checks
+    them with the last token in one forward pass, which reads each routed
+    expert once for all of them; drafts are kept while they equal the model's
+    own greedy choice, so the text is exactly that of plain decoding. --stats
+    and --json add the acceptance rate and tokens per forward pass.
+
     Prefetch reads the experts the next layers are likely to ask for while the
     current one computes: by default router lookahead (the next layer's router
     on this layer's hidden state); with --predictor PRED the predictor's scores
@@ -182,6 +211,8 @@ def command(
       mer generate --model m.mer --prompts-file prompts.jsonl --json > out.jsonl
       mer generate --model m.mer --prompt "Once" --temperature 0.8 --seed 1 --stats
       mer generate --model mixtral.mer --prompt "Hi" --ram-budget 4GiB --stats
+      mer generate --model m.mer --prompts-file edits.txt --speculative lookup
+      mer generate --model big.mer --draft small.mer --prompt "Hi" --stats
       mer generate --model m.mer --prompt "Hi" --predictor m.pred.npz --stats
     """
     from mer_cli.config import load_config
@@ -200,6 +231,14 @@ def command(
     if prompt == "-":
         prompt = sys.stdin.read()
         prompt = prompt[:-1] if prompt.endswith("\n") else prompt  # echo's newline
+    if draft and speculative is None:
+        speculative = "draft"
+    if speculative == "draft" and not draft:
+        raise click.UsageError("--speculative draft needs --draft STORE")
+    if draft and speculative != "draft":
+        raise click.UsageError(
+            f"--draft {draft} is only used by --speculative draft; drop one of them"
+        )
     prompts = [prompt] if prompt is not None else read_prompts(prompts_file)
     options = GenerateOptions(
         max_tokens=max_tokens,
@@ -209,6 +248,8 @@ def command(
         seed=seed,
         stop=tuple(stop),
         chat=chat,
+        speculative=speculative,
+        draft_tokens=draft_tokens,
     )
     options.check()
     cfg = load_config(config_path)
@@ -230,6 +271,14 @@ def command(
         from mer_cli.predictors import load_predictor
 
         pred = load_predictor(predictor, store)
+    threads = cfg.threads if threads is None else threads
+    drafter = None
+    if draft:  # checked (same tokenizer) before the big model loads
+        from mer_cli.speculative import DraftModel
+
+        drafter = DraftModel.open(
+            draft, store, ctx=ctx, kv_dtype=kv_dtype, threads=threads
+        )
     plan = plan_source(store, source_options, cfg)
     ceiling = None
     if stats or as_json:  # before the slots exist: its buffers never add to them
@@ -238,7 +287,7 @@ def command(
         model,
         ctx=ctx,
         kv_dtype=kv_dtype,
-        threads=cfg.threads if threads is None else threads,
+        threads=threads,
         source=lambda st: open_source(st, plan),
     )
     use_predictor(engine, pred)
@@ -249,7 +298,7 @@ def command(
         recorder = TraceRecorder(engine)
     out = sys.stdout
     try:
-        for c in generate_many(engine, tok, prompts, options, ceiling):
+        for c in generate_many(engine, tok, prompts, options, ceiling, drafter):
             try:
                 for piece in c:
                     if not as_json:
@@ -262,6 +311,8 @@ def command(
             recorder.finish().save(trace_out)
     finally:
         engine.close()
+        if drafter is not None:
+            drafter.close()
 
 
 def _finish(result, as_json: bool, stats: bool) -> None:
@@ -288,6 +339,17 @@ def _print_stats(result) -> None:
         f"first token {num(s.get('time_to_first_token_s'), 's')}",
         err=True,
     )
+    sp = s.get("speculative")
+    if sp:
+        rate = sp["acceptance_rate"]
+        click.echo(
+            f"speculative ({sp['method']}, up to {sp['draft_tokens']} drafts): "
+            f"{sp['accepted']} of {sp['drafted']} drafted tokens accepted "
+            f"({'-' if rate is None else f'{100 * rate:.1f}%'}), "
+            f"{sp['tokens_per_pass'] or 0:.2f} tokens per forward pass, "
+            f"drafting {sp['draft_s']:.3f} s",
+            err=True,
+        )
     io = s.get("io")
     if io:
         _print_io(s, io)
