@@ -40,6 +40,10 @@ from mer_cli.models.config import ModelConfig
 
 FORMAT = "mer-store"
 VERSION = 1
+# optional features a manifest may use without a version bump (a reader that
+# does not know them still reads the store correctly): 1 = expert files outside
+# the store directory (mer shard), "replicas" of experts, the "layout" object
+MINOR_VERSION = 1
 MANIFEST = "manifest.json"
 DENSE_FILE = "dense.bin"
 DATA_MAGIC = b"MERDATA\0"
@@ -67,7 +71,12 @@ class TensorEntry:
 
 @dataclass(frozen=True)
 class ExpertEntry:
-    """One routed expert's extent."""
+    """One routed expert's extent.
+
+    ``replicas`` holds ``(file, offset)`` of byte-identical copies on other
+    files (``mer shard`` copies the hottest experts onto several drives); the
+    reader may take any copy.
+    """
 
     layer: int
     expert: int
@@ -75,6 +84,12 @@ class ExpertEntry:
     offset: int
     nbytes: int
     crc32: int
+    replicas: tuple[tuple[int, int], ...] = ()
+
+    @property
+    def copies(self) -> tuple[tuple[int, int], ...]:
+        """``(file, offset)`` of every copy, the primary first."""
+        return ((self.file, self.offset), *self.replicas)
 
 
 @dataclass(frozen=True)
@@ -424,6 +439,9 @@ class Store:
                 int(e["offset"]),
                 int(e["nbytes"]),
                 int(e["crc32"]),
+                tuple(
+                    (int(r["file"]), int(r["offset"])) for r in e.get("replicas", ())
+                ),
             )
             if 0 <= ent.layer < self.model.num_layers and 0 <= ent.expert < E:
                 self.experts[ent.layer * E + ent.expert] = ent
@@ -474,8 +492,15 @@ class Store:
         for i, (p, size) in enumerate(zip(self.file_paths, self.file_sizes)):
             if not p.is_file():
                 problems.append(
-                    f"{p}: data file missing (files[{i}] in {MANIFEST}); "
-                    "restore it or re-run mer quantize"
+                    f"{p}: data file missing (files[{i}] in {MANIFEST}; "
+                    f"{self.describe_file(i)}); "
+                    + (
+                        "mount the drive or directory it was sharded to (mer "
+                        "shard), or restore the file; if it is lost, re-run mer "
+                        "quantize"
+                        if self._outside(p)
+                        else "restore it or re-run mer quantize"
+                    )
                 )
                 continue
             actual = p.stat().st_size
@@ -499,6 +524,32 @@ class Store:
                     "a data file from another store was copied in"
                 )
         return problems
+
+    def _outside(self, p: Path) -> bool:
+        return self.path.resolve() not in p.resolve().parents
+
+    def file_experts(self, index: int) -> list[tuple[int, int]]:
+        """``(layer, expert)`` of every extent in data file ``index`` (copies too)."""
+        return [
+            (e.layer, e.expert)
+            for e in self.experts
+            if e is not None and any(f == index for f, _ in e.copies)
+        ]
+
+    def describe_file(self, index: int) -> str:
+        """What data file ``index`` holds, for messages: its role and expert range."""
+        held = self.file_experts(index)
+        dense = sum(1 for d in self.dense.values() if d.file == index)
+        out = []
+        if dense:
+            out.append(f"it holds {dense} dense tensors")
+        if held:
+            first, last = held[0], held[-1]
+            out.append(
+                f"it holds {len(held)} expert extents, from (layer {first[0]}, "
+                f"expert {first[1]}) to (layer {last[0]}, expert {last[1]})"
+            )
+        return "; ".join(out) or "it holds no tensors"
 
     # -------------------------------------------------------------- data access
 
@@ -580,14 +631,17 @@ class Store:
             if progress:
                 progress(e.nbytes)
         for i, e in enumerate(self.experts):
-            if checksum(self.expert_bytes(e.layer, e.expert)) != e.crc32:
-                problems.append(
-                    f"{self.file_paths[e.file]}: expert (layer {e.layer}, expert "
-                    f"{e.expert}) = experts[{i}] at offset {e.offset} fails its "
-                    f"checksum (crc32 {e.crc32:08x}); the file is corrupt, re-run mer quantize"
-                )
-            if progress:
-                progress(e.nbytes)
+            for f, off in e.copies:
+                extent = self.file_map(f)[off : off + e.nbytes]
+                if checksum(extent) != e.crc32:
+                    problems.append(
+                        f"{self.file_paths[f]}: expert (layer {e.layer}, expert "
+                        f"{e.expert}) = experts[{i}] at offset {off} fails its "
+                        f"checksum (crc32 {e.crc32:08x}); the file is corrupt, "
+                        "re-run mer quantize"
+                    )
+                if progress:
+                    progress(e.nbytes)
         return problems
 
 
@@ -624,6 +678,12 @@ def check_manifest(path: Path, m: Any) -> list[str]:
         ]
     if v < 1:
         return [f"{where}: version is {v!r}, expected {VERSION}; re-run mer quantize"]
+    minor = m.get("minor_version", 0)
+    if not isinstance(minor, int) or isinstance(minor, bool) or minor < 0:
+        return [
+            f"{where}: minor_version is {minor!r}, expected a whole number >= 0; "
+            "re-run mer quantize"
+        ]
     for key in (
         "store_id",
         "model",
@@ -774,6 +834,7 @@ def check_manifest(path: Path, m: Any) -> list[str]:
                 f"{where}: experts[{i}] ends at {e['offset'] + e['nbytes']}, past "
                 f"the end of files[{f}] ({sizes[f]} bytes)"
             )
+        problems += _check_replicas(e, i, f, sizes, where)
     want = {(la, ex) for la in range(cfg.num_layers) for ex in range(cfg.num_experts)}
     if seen != want:
         missing = sorted(want - seen)
@@ -781,4 +842,40 @@ def check_manifest(path: Path, m: Any) -> list[str]:
             f"{where}: experts table has {len(seen)} entries, expected "
             f"{len(want)}" + (f"; first missing {missing[0]}" if missing else "")
         )
+    return problems
+
+
+def _check_replicas(e: dict, i: int, primary: int, sizes: list[int], where: str):
+    """Messages about ``experts[i].replicas`` (optional: copies on other files)."""
+    reps = e.get("replicas", [])
+    if not isinstance(reps, list):
+        return [f"{where}: experts[{i}].replicas is {reps!r}, expected a list"]
+    problems, used = [], {primary}
+    for j, r in enumerate(reps):
+        label = f"experts[{i}].replicas[{j}]"
+        bad = _bad_fields(r, ("file", "offset"), label, where)
+        if bad:
+            problems.append(bad)
+            continue
+        f, off = r["file"], r["offset"]
+        if not f < len(sizes):
+            problems.append(
+                f"{where}: {label}.file is {f}, expected 0..{len(sizes) - 1}"
+            )
+        elif f in used:
+            problems.append(
+                f"{where}: {label}.file is {f}, which already holds a copy of "
+                "this expert; expected another file"
+            )
+        elif off % PAGE or off < PAGE:
+            problems.append(
+                f"{where}: {label}.offset is {off}, expected a multiple of "
+                f"{PAGE} past the header; re-run mer shard"
+            )
+        elif off + e["nbytes"] > sizes[f]:
+            problems.append(
+                f"{where}: {label} ends at {off + e['nbytes']}, past the end of "
+                f"files[{f}] ({sizes[f]} bytes)"
+            )
+        used.add(f)
     return problems

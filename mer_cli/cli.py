@@ -29,6 +29,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     ),
     "generate": ("generate", "Generate text from a prompt, streamed as tokens come."),
     "trace": ("trace", "Record the router's choices for every token and layer."),
+    "shard": ("shard", "Spread a store's experts over several drives or files."),
     "synth": (
         "synth",
         "Write a synthetic Hugging Face checkpoint of a preset's shapes.",

@@ -27,7 +27,8 @@ def summarize(path: str | os.PathLike) -> dict[str, Any]:
     total, active = count_parameters(store)
     per_file = [0] * len(store.file_paths)
     for e in store.experts:
-        per_file[e.file] += 1
+        for f, _ in e.copies:
+            per_file[f] += 1
     files = []
     for i, (p, size) in enumerate(zip(store.file_paths, store.file_sizes)):
         files.append(
@@ -59,4 +60,46 @@ def summarize(path: str | os.PathLike) -> dict[str, Any]:
         ),
         "total_bytes": sum(store.file_sizes),
         "files": files,
+        "placement": placement(files, store),
+        "layout": store.manifest.get("layout"),
     }
+
+
+def placement(files: list[dict[str, Any]], store: Store) -> list[dict[str, Any]]:
+    """Expert bytes and extents per device (``st_dev``), in file order.
+
+    Each entry: ``device``, ``dirs`` (directories of its expert files),
+    ``files``, ``extents`` (copies included), ``expert_bytes`` (extent bytes),
+    ``share`` (of all expert extent bytes) and ``replicas`` (extents that are
+    extra copies of an expert stored elsewhere too).
+    """
+    extra = [0] * len(files)
+    for e in store.experts:
+        for f, _ in e.replicas:
+            extra[f] += 1
+    out: dict[Any, dict[str, Any]] = {}
+    for i, f in enumerate(files):
+        if f["role"] != "experts":
+            continue
+        d = out.setdefault(
+            f["device"],
+            {
+                "device": f["device"],
+                "dirs": [],
+                "files": 0,
+                "extents": 0,
+                "expert_bytes": 0,
+                "replicas": 0,
+            },
+        )
+        where = str(store.file_paths[i].parent)
+        if where not in d["dirs"]:
+            d["dirs"].append(where)
+        d["files"] += 1
+        d["extents"] += f["extents"]
+        d["expert_bytes"] += f["extents"] * store.extent_nbytes
+        d["replicas"] += extra[i]
+    total = sum(d["expert_bytes"] for d in out.values())
+    for d in out.values():
+        d["share"] = d["expert_bytes"] / total if total else 0.0
+    return list(out.values())

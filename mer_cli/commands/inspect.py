@@ -16,6 +16,9 @@ def command(store: str, as_json: bool) -> None:
     """Show what STORE holds: architecture, parameter and byte counts, dense bytes,
     bytes per expert, data files and extent alignment.
 
+    The placement lines give the expert bytes, extents and extra copies on each
+    device (filesystem), as mer shard spread them.
+
     \b
     Example:
       mer inspect mixtral.mer
@@ -66,6 +69,23 @@ def command(store: str, as_json: bool) -> None:
         click.echo(
             f"  {f['path']:40s} {f['role']:8s} {fs(f['nbytes']):>12s}  "
             f"{f['extents']} extents  device {f['device']}"
+        )
+    lay = info.get("layout")
+    click.echo(
+        "placement"
+        + (
+            f"      (mer shard: policy {lay.get('policy')}, generation "
+            f"{lay.get('generation')})"
+            if lay
+            else ""
+        )
+    )
+    for d in info["placement"]:
+        click.echo(
+            f"  device {d['device']!s:10s} {d['files']} file(s) {d['extents']:6d} "
+            f"extents {fs(d['expert_bytes']):>11s} ({100 * d['share']:.1f}%)"
+            + (f", {d['replicas']} extra copies" if d["replicas"] else "")
+            + f"  in {', '.join(d['dirs'])}"
         )
 
 

@@ -6,12 +6,21 @@ is read at queue depth up to ``threads`` (the drive needs 4-8 to reach its
 ceiling). ``os.preadv`` releases the GIL for the whole read, and the Python work
 per chunk is a few dictionary-free attribute updates.
 
-Scheduling: a heap of requests ordered by ``(priority, submission order)``;
-demand reads (``DEMAND`` = 0) always go before prefetches (``PREFETCH`` = 1 and
-up). A worker takes the next chunk of the request at the head of the heap, so
-once a demand read arrives no new prefetch chunk starts until it is fully
-issued; at most one in-flight prefetch chunk per thread can delay it. A
-prefetch can be promoted to demand (:meth:`ExtentReader.promote`) or cancelled
+Devices: files are grouped by the device they live on (``st_dev`` of the
+file, as ``mer shard`` spreads a store over several drives), and each device
+has its own queue and its own ``threads`` workers, so reads on different
+drives run in parallel and a busy drive never holds up another.
+:meth:`ExtentReader.pending` tells how many requests a file's device still has
+queued or in flight (the streaming source reads a duplicated expert from the
+least busy copy); :meth:`ExtentReader.stats` reports bytes and busy time per
+device.
+
+Scheduling (per device): a heap of requests ordered by ``(priority,
+submission order)``; demand reads (``DEMAND`` = 0) always go before prefetches
+(``PREFETCH`` = 1 and up). A worker takes the next chunk of the request at the
+head of its device's heap, so once a demand read arrives no new prefetch chunk
+starts on that device until it is fully issued; at most one in-flight prefetch
+chunk per thread can delay it. A prefetch can be promoted to demand (:meth:`ExtentReader.promote`) or cancelled
 (:meth:`ExtentReader.cancel`): chunks not yet started are dropped and the
 request finishes once the chunks already in flight land, so the caller knows
 when its buffer is free again.
@@ -41,6 +50,7 @@ import warnings
 import zlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -166,6 +176,51 @@ class _File:
         self.lock = threading.Lock()
 
 
+class _Device:
+    """One device's queue: its heap of requests, its workers and counters.
+
+    Every device's condition shares the reader's one lock, so counters that
+    span devices stay consistent; workers wait only on their own device.
+    """
+
+    __slots__ = (
+        "key",
+        "files",
+        "heap",
+        "cond",
+        "pending",
+        "active",
+        "busy_since",
+        "busy_seconds",
+        "bytes_read",
+        "chunks_read",
+    )
+
+    def __init__(self, key: object, lock: threading.Lock) -> None:
+        self.key = key
+        self.files: list[int] = []
+        self.heap: list[tuple[int, int, ReadRequest]] = []
+        self.cond = threading.Condition(lock)
+        self.pending = 0  # requests submitted and not finished
+        self.active = 0  # chunks being read now
+        self.busy_since = 0.0
+        self.busy_seconds = 0.0
+        self.bytes_read = 0
+        self.chunks_read = 0
+
+
+def device_of(path: str | os.PathLike) -> object:
+    """The key reads of ``path`` are queued under: its filesystem's ``st_dev``.
+
+    A file that cannot be stat'ed gets a key of its own (its read fails later
+    with a message naming it).
+    """
+    try:
+        return os.stat(path).st_dev
+    except OSError:
+        return ("missing", str(path))
+
+
 class ExtentReader:
     """Reads extents of a fixed set of files into caller-owned aligned buffers.
 
@@ -174,7 +229,8 @@ class ExtentReader:
     paths
         The data files; requests name a file by its index in this list.
     threads
-        Worker threads = the most chunks in flight at once (queue depth).
+        Worker threads per device = the most chunks in flight at once on one
+        device (its queue depth).
     chunk_size
         Bytes per ``preadv``; a multiple of ``alignment``.
     direct
@@ -184,6 +240,10 @@ class ExtentReader:
     alignment
         Required alignment of offsets, lengths and buffer addresses (4096 covers
         every drive's logical block size).
+    devices
+        One key per file naming the queue its reads go to (default: the
+        file's ``st_dev``, :func:`device_of`). Files with equal keys share a
+        queue and its workers.
     """
 
     def __init__(
@@ -196,6 +256,7 @@ class ExtentReader:
         retries: int = 3,
         retry_delay: float = 0.01,
         alignment: int = PAGE,
+        devices: Sequence[object] | None = None,
     ) -> None:
         if threads < 1:
             raise ValueError(f"reader threads is {threads}, expected at least 1")
@@ -210,9 +271,23 @@ class ExtentReader:
         self.retries = retries
         self.retry_delay = retry_delay
         self.alignment = alignment
-        self._heap: list[tuple[int, int, ReadRequest]] = []
+        if devices is None:
+            devices = [device_of(f.path) for f in self.files]
+        elif len(devices) != len(self.files):
+            raise ValueError(f"{len(devices)} device keys for {len(self.files)} files")
         self._seq = 0
-        self._cond = threading.Condition()
+        lock = threading.Lock()
+        self._cond = threading.Condition(lock)  # guards all state and counters
+        self._devices: list[_Device] = []
+        self._file_dev: list[_Device] = []
+        by_key: dict[object, _Device] = {}
+        for i, key in enumerate(devices):
+            dev = by_key.get(key)
+            if dev is None:
+                dev = by_key[key] = _Device(key, lock)
+                self._devices.append(dev)
+            dev.files.append(i)
+            self._file_dev.append(dev)
         self._closed = False
         self._retired: list[int] = []
         # counters (under _cond)
@@ -224,7 +299,10 @@ class ExtentReader:
         self._busy_since = 0.0
         self.busy_seconds = 0.0  # wall time with at least one read in flight
         self._workers = [
-            threading.Thread(target=self._work, name=f"mer-reader-{i}", daemon=True)
+            threading.Thread(
+                target=self._work, args=(dev,), name=f"mer-reader-{d}.{i}", daemon=True
+            )
+            for d, dev in enumerate(self._devices)
             for i in range(threads)
         ]
         for t in self._workers:
@@ -295,14 +373,21 @@ class ExtentReader:
         req.nchunks = -(-nbytes // self.chunk_size)
         if on_done is not None:
             req.callbacks.append(on_done)
+        dev = self._file_dev[file]
         with self._cond:
+            dev.pending += 1
             self._push(req)
-            self._cond.notify(min(req.nchunks, self.threads))
+            dev.cond.notify(min(req.nchunks, self.threads))
         return req
 
     def _push(self, req: ReadRequest) -> None:
         self._seq += 1
-        heapq.heappush(self._heap, (req.priority, self._seq, req))
+        heapq.heappush(self._file_dev[req.file].heap, (req.priority, self._seq, req))
+
+    def _finished(self, req: ReadRequest) -> None:
+        """Mark ``req`` finished (under the lock); :meth:`_finish` runs after."""
+        req.finished = True
+        self._file_dev[req.file].pending -= 1
 
     def promote(self, req: ReadRequest, priority: int = DEMAND) -> None:
         """Raise a queued request's priority (a prefetch the compute now needs)."""
@@ -312,7 +397,9 @@ class ExtentReader:
             req.priority = priority
             if req.next_chunk < req.nchunks:
                 self._push(req)  # the old heap entry is skipped as stale
-                self._cond.notify(min(req.nchunks - req.next_chunk, self.threads))
+                self._file_dev[req.file].cond.notify(
+                    min(req.nchunks - req.next_chunk, self.threads)
+                )
 
     def cancel(self, req: ReadRequest) -> bool:
         """Drop the chunks of ``req`` not yet started.
@@ -331,7 +418,7 @@ class ExtentReader:
             self.cancelled += 1
             finish = req.inflight == 0 and not req.finished
             if finish:
-                req.finished = True
+                self._finished(req)
         if finish:
             self._finish(req)
         return True
@@ -339,13 +426,22 @@ class ExtentReader:
     def queue_depth(self) -> int:
         """Requests queued or in flight (an estimate, for throttling)."""
         with self._cond:
-            return len(self._heap) + self._active
+            return sum(len(d.heap) for d in self._devices) + self._active
+
+    def pending(self, file: int) -> int:
+        """Requests submitted and not yet finished on the device of ``file``."""
+        return self._file_dev[file].pending
+
+    @property
+    def num_devices(self) -> int:
+        """Number of device queues (distinct device keys of the files)."""
+        return len(self._devices)
 
     # -------------------------------------------------------------- workers
 
-    def _take(self) -> tuple[ReadRequest, int] | None:
+    def _take(self, dev: _Device) -> tuple[ReadRequest, int] | None:
         """Next chunk to read, under the lock; None when the heap is empty."""
-        heap = self._heap
+        heap = dev.heap
         while heap:
             prio, _, req = heap[0]
             if (
@@ -364,19 +460,23 @@ class ExtentReader:
             return req, idx
         return None
 
-    def _work(self) -> None:
-        cond = self._cond
+    def _work(self, dev: _Device) -> None:
+        cond = dev.cond
         while True:
             with cond:
-                job = self._take()
+                job = self._take(dev)
                 while job is None:
                     if self._closed:
                         return
                     cond.wait()
-                    job = self._take()
+                    job = self._take(dev)
+                now = time.perf_counter()
                 if self._active == 0:
-                    self._busy_since = time.perf_counter()
+                    self._busy_since = now
+                if dev.active == 0:
+                    dev.busy_since = now
                 self._active += 1
+                dev.active += 1
             req, idx = job
             err: BaseException | None = None
             n = 0
@@ -387,11 +487,17 @@ class ExtentReader:
             except Exception as e:  # a bug must fail the request, not kill the worker
                 err = e
             with cond:
+                now = time.perf_counter()
                 self._active -= 1
+                dev.active -= 1
                 if self._active == 0:
-                    self.busy_seconds += time.perf_counter() - self._busy_since
+                    self.busy_seconds += now - self._busy_since
+                if dev.active == 0:
+                    dev.busy_seconds += now - dev.busy_since
                 self.bytes_read += n
                 self.chunks_read += 1
+                dev.bytes_read += n
+                dev.chunks_read += 1
                 req.bytes_done += n
                 req.inflight -= 1
                 if err is not None and req.error is None:
@@ -406,7 +512,7 @@ class ExtentReader:
                     )
                 )
                 if finish:
-                    req.finished = True
+                    self._finished(req)
             if finish:
                 self._finish(req)
 
@@ -537,12 +643,30 @@ class ExtentReader:
 
     # -------------------------------------------------------------- lifecycle
 
-    def stats(self) -> dict[str, float | int]:
-        """Counters: bytes and chunks read, busy seconds, GB/s while busy, retries."""
+    def stats(self) -> dict[str, Any]:
+        """Counters: bytes and chunks read, busy seconds, GB/s while busy, retries.
+
+        ``devices`` lists one entry per device queue: its key, file indices,
+        bytes and chunks read and busy seconds (time with a read in flight on
+        that device). Busy seconds of the devices adding up to more than the
+        overall ``read_seconds`` means the devices were read in parallel.
+        """
         with self._cond:
+            now = time.perf_counter()
             busy = self.busy_seconds
             if self._active:
-                busy += time.perf_counter() - self._busy_since
+                busy += now - self._busy_since
+            devices = [
+                {
+                    "device": d.key,
+                    "files": list(d.files),
+                    "bytes_read": d.bytes_read,
+                    "chunks_read": d.chunks_read,
+                    "read_seconds": d.busy_seconds
+                    + (now - d.busy_since if d.active else 0.0),
+                }
+                for d in self._devices
+            ]
             return {
                 "bytes_read": self.bytes_read,
                 "chunks_read": self.chunks_read,
@@ -553,6 +677,7 @@ class ExtentReader:
                 "buffered_files": sum(
                     1 for f in self.files if f.fd >= 0 and not f.direct
                 ),
+                "devices": devices,
             }
 
     def close(self) -> None:
@@ -561,9 +686,10 @@ class ExtentReader:
             if self._closed:
                 return
             self._closed = True
-            pending = [r for _, _, r in self._heap]
-            self._heap.clear()
-            self._cond.notify_all()
+            pending = [r for d in self._devices for _, _, r in d.heap]
+            for d in self._devices:
+                d.heap.clear()
+                d.cond.notify_all()
         for t in self._workers:
             t.join()
         for req in pending:
