@@ -286,8 +286,11 @@ def drop_caches(files: list[Path], root: bool) -> None:
             os.close(fd)
 
 
-def run_child(cfg: dict, cgroup: Cgroup | None, timeout: float) -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), CHILD_FLAG, json.dumps(cfg)]
+def run_child(
+    cfg: dict, cgroup: Cgroup | None, timeout: float, script: str = __file__
+) -> dict:
+    """Run ``script --child CFG`` (in ``cgroup``); the dict of its RESULT line."""
+    cmd = [sys.executable, os.path.abspath(script), CHILD_FLAG, json.dumps(cfg)]
     if cgroup is not None:
         cgroup.reset_max()
     t0 = time.perf_counter()
