@@ -29,6 +29,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     ),
     "generate": ("generate", "Generate text from a prompt, streamed as tokens come."),
     "trace": ("trace", "Record the router's choices for every token and layer."),
+    "train-predictor": (
+        "train_predictor",
+        "Fit expert predictors on traces; report held-out recall and hit rates.",
+    ),
     "shard": ("shard", "Spread a store's experts over several drives or files."),
     "synth": (
         "synth",

@@ -231,7 +231,7 @@ def fit_mlp(
     max_distance: int = MAX_DISTANCE,
     hidden: int = 128,
     epochs: int = 60,
-    batch: int = 256,
+    batch: int = 64,
     lr: float = 2e-3,
     weight_decay: float = 1e-4,
     patience: int = 8,
