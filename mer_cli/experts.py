@@ -31,10 +31,15 @@ class ExpertSource(Protocol):
         ...
 
     def prefetch(
-        self, layer: int, experts: Sequence[int], scores: Sequence[float] | None = None
+        self,
+        layer: int,
+        experts: Sequence[int],
+        scores: Sequence[float] | None = None,
+        kind: str = "hint",
     ) -> None:
         """Hint that ``layer`` will soon need ``experts`` (best first; ``scores`` are
-        probabilities of use when known). Must never delay a ``fetch``."""
+        probabilities of use when known; ``kind`` names who made the hint).
+        Must never delay a ``fetch``."""
         ...
 
     def stats(self) -> dict[str, Any]:
@@ -67,7 +72,9 @@ class ResidentExperts:
                 buf = self.store.expert_bytes(layer, e)
             yield int(e), self.store.expert_parts(buf)
 
-    def prefetch(self, layer: int, experts: Sequence[int], scores=None) -> None:
+    def prefetch(
+        self, layer: int, experts: Sequence[int], scores=None, kind: str = "hint"
+    ) -> None:
         return None
 
     def stats(self) -> dict[str, Any]:

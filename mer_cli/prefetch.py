@@ -16,7 +16,8 @@ time it is expected to cost. Nothing is left for the user to tune:
 
 * **calibration**: every candidate (hinted and not in DRAM) is checked when
   its layer is next computed, whether it was read or not (a free shadow
-  measurement); over the last ``window`` of them per lookahead distance,
+  measurement); over the last ``window`` of them per hint kind (prefill's
+  router lookahead, the predictor) and lookahead distance,
   ``c = (1 + sum used) / (1 + sum score)`` and ``p = min(1, c * score)``. The
   cache's third eviction signal gets these calibrated probabilities, so an
   overconfident predictor cannot push useful experts out either;
@@ -53,7 +54,7 @@ from typing import Any
 
 import numpy as np
 
-WINDOW = 64  # outcomes remembered per signal
+WINDOW = 32  # outcomes remembered per signal
 PRIOR = 1.0  # pseudo-outcome (score 1, used) behind each ratio
 PROBE_EVERY = 8  # refusals in a row before a probe
 PROBE_MAX = 64  # the probe interval grows to at most PROBE_EVERY * this
@@ -81,11 +82,12 @@ class PrefetchThrottle:
     def __init__(self, num_layers: int, window: int = WINDOW) -> None:
         self.L = num_layers
         self.window = window
-        # shadow outcomes (score, used) per distance; issued outcomes (p, used)
-        self._shadow: dict[int, deque[tuple[float, float]]] = {}
+        # shadow outcomes (score, used) per (hint kind, distance); issued
+        # outcomes (p, used)
+        self._shadow: dict[tuple[str, int], deque[tuple[float, float]]] = {}
         self._issued: deque[tuple[float, float]] = deque(maxlen=window)
-        # candidates awaiting their layer: (layer, distance) -> {expert: score}
-        self._pending: dict[tuple[int, int], dict[int, float]] = {}
+        # candidates awaiting their layer: layer -> (kind, distance) -> scores
+        self._pending: dict[int, dict[tuple[str, int], dict[int, float]]] = {}
         self._stall = 0.0  # moving averages per layer: stall, wall, compute gap
         self._wall = 0.0
         self._gap: float | None = None
@@ -122,9 +124,10 @@ class PrefetchThrottle:
         s = self.stall_share
         return s / (1.0 + s)
 
-    def calibration(self, distance: int) -> float:
-        """``(1 + used) / (1 + sum of scores)`` of the shadow window at ``distance``."""
-        w = self._shadow.get(min(distance, MAX_DISTANCE))
+    def calibration(self, distance: int, kind: str = "hint") -> float:
+        """``(1 + used) / (1 + sum of scores)`` of the shadow window of hints of
+        ``kind`` at ``distance``."""
+        w = self._shadow.get((kind, min(distance, MAX_DISTANCE)))
         if not w:
             return 1.0
         return (PRIOR + sum(u for _, u in w)) / (PRIOR + sum(s for s, _ in w))
@@ -141,17 +144,18 @@ class PrefetchThrottle:
         w = self._issued
         return sum(u for _, u in w) / len(w) if w else None
 
-    @property
-    def shadow_precision(self) -> float | None:
-        """Share of candidates used, over all distances' windows (None: none)."""
-        n = sum(len(w) for w in self._shadow.values())
-        if not n:
-            return None
-        return sum(u for w in self._shadow.values() for _, u in w) / n
+    def hint_precision(self) -> dict[str, float]:
+        """Share of candidates used, per hint kind, over its windows."""
+        out: dict[str, list[float]] = {}
+        for (kind, _), w in self._shadow.items():
+            acc = out.setdefault(kind, [0.0, 0.0])
+            acc[0] += sum(u for _, u in w)
+            acc[1] += len(w)
+        return {k: u / n for k, (u, n) in out.items() if n}
 
-    def probability(self, score: float, distance: int) -> float:
+    def probability(self, score: float, distance: int, kind: str = "hint") -> float:
         """Calibrated probability that a candidate of ``score`` is used."""
-        c = self.calibration(distance) * min(self.realized, 1.0)
+        c = self.calibration(distance, kind) * min(self.realized, 1.0)
         return min(1.0, max(0.0, float(score)) * c)
 
     def inflight_cap(self, extent_nbytes: int, depth: int) -> int:
@@ -164,19 +168,19 @@ class PrefetchThrottle:
 
     # ------------------------------------------------------------ outcomes
 
-    def candidates(self, layer: int, distance: int, scores: dict[int, float]) -> None:
+    def candidates(
+        self, layer: int, distance: int, scores: dict[int, float], kind: str = "hint"
+    ) -> None:
         """Remember ``layer``'s absent hinted experts ``{expert: score}`` for the
-        shadow check; replaces earlier ones at the same distance."""
-        self._pending[(layer, min(distance, MAX_DISTANCE))] = dict(scores)
+        shadow check; replaces earlier ones of the same kind and distance."""
+        key = (kind, min(distance, MAX_DISTANCE))
+        self._pending.setdefault(layer, {})[key] = dict(scores)
 
     def visit(self, layer: int, used: Sequence[int]) -> None:
         """``layer``'s experts ``used`` are asked for: resolve its candidates."""
         used_set = {int(e) for e in used}
-        for d in range(1, MAX_DISTANCE + 1):
-            cand = self._pending.pop((layer, d), None)
-            if not cand:
-                continue
-            w = self._shadow.setdefault(d, deque(maxlen=self.window))
+        for key, cand in self._pending.pop(layer, {}).items():
+            w = self._shadow.setdefault(key, deque(maxlen=self.window))
             for e, s in cand.items():
                 u = 1.0 if e in used_set else 0.0
                 w.append((min(max(s, 0.0), 1.0), u))
@@ -186,8 +190,9 @@ class PrefetchThrottle:
     def outcome(self, p: float, used: bool, probe: bool) -> None:
         """An issued prefetch (issued at probability ``p``) was used or not."""
         self._issued.append((p, 1.0 if used else 0.0))
-        if probe:
+        if probe:  # the next probe comes an interval after this answer
             self._probe_pending = max(0, self._probe_pending - 1)
+            self._refused = 0
             if used:
                 self._probe_interval = PROBE_EVERY
             else:
@@ -198,24 +203,28 @@ class PrefetchThrottle:
     # ------------------------------------------------------------ decisions
 
     def decide(self, p: float, room: bool) -> str | None:
-        """``"issue"``, ``"probe"`` or None (skip) for a candidate of
-        calibrated probability ``p``; ``room``: below the in-flight cap."""
-        if not room:
-            self.skipped_bandwidth += 1
-            return None
+        """``"issue"``, ``"probe"`` or None (skip, counted) for a candidate of
+        calibrated probability ``p``; ``room``: below the in-flight cap. The
+        caller reports a read it then starts with :meth:`started`."""
         if p > self.threshold:
             self._refused = 0
-            self.issued += 1
+            if not room:
+                self.skipped_bandwidth += 1
+                return None
             return "issue"
         self._refused += 1
         if self._refused >= self._probe_interval and not self._probe_pending:
-            self._refused = 0
-            self._probe_pending += 1
-            self.issued += 1
-            self.probes += 1
             return "probe"
         self.skipped_benefit += 1
         return None
+
+    def started(self, how: str) -> None:
+        """A read decided by :meth:`decide` was started."""
+        self.issued += 1
+        if how == "probe":
+            self._refused = 0
+            self._probe_pending += 1
+            self.probes += 1
 
     @property
     def state(self) -> str:
@@ -236,7 +245,7 @@ class PrefetchThrottle:
             "skipped_benefit": self.skipped_benefit,
             "skipped_bandwidth": self.skipped_bandwidth,
             "live_precision": r4(self.live_precision),
-            "predictor_precision": r4(self.shadow_precision),
+            "hints_used": {k: r4(v) for k, v in self.hint_precision().items()},
             "candidates_checked": self.shadow_total,
             "threshold": r4(self.threshold),
             "stall_share": r4(self.stall_share),
@@ -245,6 +254,15 @@ class PrefetchThrottle:
 
 
 # ====================================================================== hints
+
+
+def use_predictor(engine, predictor) -> None:
+    """Rank ``engine``'s prefetches with ``predictor`` (None: router lookahead);
+    a streamed source reports the kind in its stats (``prefetch_hints``)."""
+    engine.predictor = predictor
+    src = engine.source
+    if hasattr(src, "hints") and getattr(src, "prefetch_enabled", False):
+        src.hints = predictor.kind if predictor is not None else "lookahead"
 
 
 def prefetch_hint(
@@ -285,7 +303,9 @@ def prefetch_hint(
             order = np.argsort(-scores, kind="stable")[:HINTS_PER_LAYER]
             order = order[scores[order] > 0]
             if len(order):
-                hints.append(Lookahead(target, order.tolist(), scores[order].tolist()))
+                hints.append(
+                    Lookahead(target, order.tolist(), scores[order].tolist(), pred.kind)
+                )
         return hints
 
     return predicted

@@ -126,6 +126,7 @@ class StreamedExperts:
         # slots filled by prefetch, not yet resolved -> (probability, probe)
         self._prefetched: dict[int, tuple[float, bool]] = {}
         self.throttle = PrefetchThrottle(self.L)
+        self.hints = "lookahead" if prefetch else "off"  # set by use_predictor
         self._t_fetch: float | None = None  # when the previous fetch began
         self._stall_mark = 0.0  # stall_seconds then
         self._landed: list[ReadRequest] = []  # finished reads a fetch waits for
@@ -394,12 +395,17 @@ class StreamedExperts:
             )
 
     def prefetch(
-        self, layer: int, experts: Sequence[int], scores: Sequence[float] | None = None
+        self,
+        layer: int,
+        experts: Sequence[int],
+        scores: Sequence[float] | None = None,
+        kind: str = "hint",
     ) -> None:
         """Consider reading ``layer``'s ``experts`` (best first) into spare slots.
 
         ``scores`` (the hint's probabilities of use; None: 1 each) are
-        calibrated by the throttle's live measurements; the calibrated values
+        calibrated by the throttle's live measurements of hints of the same
+        ``kind`` (router lookahead, a predictor) and distance; the calibrated values
         feed the cache's predictor signal (when ``scores`` is given) and decide
         which candidates are read (:class:`~mer_cli.prefetch.PrefetchThrottle`).
         Never evicts an expert worth more than the one it would bring, never
@@ -416,7 +422,7 @@ class StreamedExperts:
             )
         raw = [1.0] * len(ids) if scores is None else [float(x) for x in scores]
         dist = (layer - cache.layer) % self.L or self.L  # layers ahead
-        probs = [th.probability(x, dist) for x in raw]
+        probs = [th.probability(x, dist, kind) for x in raw]
         if scores is not None:
             cache.set_predictions(layer, ids, probs)
         if not self.prefetch_enabled or self.slots < 2:
@@ -428,20 +434,21 @@ class StreamedExperts:
             for e, x, p in zip(ids, raw, probs)
             if cache.find(layer * E + e) is None
         ]
-        th.candidates(layer, dist, {e: x for _, e, x in absent})
+        th.candidates(layer, dist, {e: x for _, e, x in absent}, kind)
         cap = th.inflight_cap(self.store.extent_nbytes, self.prefetch_depth)
         inflight = sum(1 for s in self._reqs if s in self._prefetched)
         for p, e, _ in sorted(absent, key=lambda t: -t[0]):
             key = layer * E + e
-            s = cache.victim(below=float(cache.value(key)))
-            if s is None:
-                break  # nothing held is worth less than these candidates
             how = th.decide(p, inflight < cap)
             if how is None:
                 continue
+            s = cache.victim(below=float(cache.value(key)))
+            if s is None:
+                break  # everything held is worth more than these candidates
             self._evict_into(s, key)
             self._prefetched[s] = (p, how == "probe")
             self._submit(s, key, PREFETCH)
+            th.started(how)
             self.pf_issued += 1
             inflight += 1
 
@@ -481,6 +488,7 @@ class StreamedExperts:
             "prefetch_wasted": self.pf_wasted,
             "prefetch_cancelled": self.pf_cancelled,
             "prefetch_precision": self.pf_used / resolved if resolved else 0.0,
+            "prefetch_hints": self.hints,
             "prefetch_throttle": self.throttle.stats(),
             "prefetch_recall": (
                 self.pf_used / (self.pf_used + self.misses - self.pf_late)

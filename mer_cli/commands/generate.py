@@ -399,13 +399,15 @@ def _print_io(s: dict, io: dict) -> None:
     )
     th = src.get("prefetch_throttle")
     if th and src.get("prefetch_hints") != "off":
+        used = ", ".join(f"{k} {pct(v)}" for k, v in th["hints_used"].items())
         click.echo(
             f"prefetch ({src.get('prefetch_hints', '?')}): throttle {th['state']}, "
             f"{th['issued']} issued ({th['probes']} probes), skipped "
             f"{th['skipped_benefit']} (benefit below cost) and "
             f"{th['skipped_bandwidth']} (no spare bandwidth); live precision "
-            f"{pct(th['live_precision'])}, hints used {pct(th['predictor_precision'])} "
-            f"of {th['candidates_checked']}; stall share {pct(th['stall_share'])} "
+            f"{pct(th['live_precision'])}; hinted experts used: {used or '-'} "
+            f"({th['candidates_checked']} checked); stall share "
+            f"{pct(th['stall_share'])} "
             f"-> issue above p = {th['threshold']:.2f}",
             err=True,
         )

@@ -214,11 +214,13 @@ def expert_mlp(gate_up: Any, down: Any, x: np.ndarray) -> np.ndarray:
 
 @dataclass
 class Lookahead:
-    """Next layer's router applied to this layer's hidden state (for prefetch)."""
+    """A prefetch hint: ``layer``'s likely experts (router lookahead: the next
+    layer's router on this layer's hidden state; or a predictor's scores)."""
 
     layer: int
     experts: list[int]  # best first
     scores: list[float]  # estimated probability of use
+    kind: str = "lookahead"  # who made it (a predictor's kind): calibrated apart
 
 
 def lookahead(
@@ -244,16 +246,17 @@ def moe_block(
     x: np.ndarray,
     layer: int,
     source: Any,
-    prefetch: Callable[[], Lookahead | None] | None = None,
+    prefetch: Callable[[np.ndarray], Sequence[Lookahead]] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Routed experts (plus the shared expert) for ``x`` (normed, ``[T, D]``).
 
     The experts selected by any token (the union) are requested from
     ``source.fetch`` once; each is computed over the group of tokens routed to
     it as soon as the source yields it, and its weighted output accumulated.
-    ``prefetch`` (optional) is called after the first expert arrives -- the
-    demand reads are queued by then -- and its :class:`Lookahead` is passed on
-    to ``source.prefetch``.
+    ``prefetch`` (optional) is called with ``ids`` after the first expert
+    arrives -- the demand reads are queued by then -- and each
+    :class:`Lookahead` it returns (nearest layer first) is passed on to
+    ``source.prefetch``.
 
     Returns
     -------
@@ -274,9 +277,9 @@ def moe_block(
         done[e] = (tok, weights[tok, slot, None] * y)
         if not hinted:
             hinted = True
-            hint = prefetch()
-            if hint is not None and hint.experts:
-                source.prefetch(hint.layer, hint.experts, hint.scores)
+            for hint in prefetch(ids):
+                if hint.experts:
+                    source.prefetch(hint.layer, hint.experts, hint.scores, hint.kind)
     # sum in expert order, not arrival order: float addition is not associative,
     # and a streamed run must give exactly the tokens of a resident one
     for e in sorted(done):

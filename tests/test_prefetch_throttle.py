@@ -1,0 +1,311 @@
+"""Prefetch ranked by a predictor and throttled by live precision: an
+always-wrong predictor is turned off by the throttle (bytes read close to
+prefetch off), an always-right one stays on and raises the hit rate, tokens are
+those of the all-in-RAM run with any predictor, demand reads overtake queued
+prefetches, and ``mer generate --predictor`` refuses a predictor of another
+model."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from conftest import make_hf_checkpoint
+
+from mer_cli.cli import cli
+from mer_cli.formats.store import Store
+from mer_cli.generate import Completion, GenerateOptions, load
+from mer_cli.io.reader import ExtentReader
+from mer_cli.prefetch import PROBE_EVERY, PrefetchThrottle, use_predictor
+from mer_cli.streaming import StreamedExperts
+
+PROMPT = "The quick brown fox jumps over"
+N_TOKENS = 24
+L, E = 4, 8  # the test model: 4 layers x 8 experts, top-2
+READ_DELAY = 0.002  # seconds added to every read: a drive reads take time on
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> Path:
+    from mer_cli.quantize import quantize
+
+    d = tmp_path_factory.mktemp("throttle")
+    ck = make_hf_checkpoint(d / "ck", "mixtral", seed=3, layers=L, num_local_experts=E)
+    return quantize(ck, d / "m.mer", experts="q4", dense="q8", progress=False)
+
+
+@pytest.fixture(scope="module")
+def resident(store):
+    """Text of the all-in-RAM run and the routing each forward pass made at
+    each layer for its last token, in order: ``[(layer, experts [K])]``."""
+    eng, tok = load(store, ctx=128)
+    seq: list[tuple[int, np.ndarray]] = []
+    eng.route_hook = lambda layer, x, ids, w: seq.append((layer, ids[-1].copy()))
+    try:
+        c = Completion(eng, tok, PROMPT, GenerateOptions(max_tokens=N_TOKENS))
+        c.run()
+    finally:
+        eng.close()
+    assert c.result.completion_tokens == N_TOKENS
+    return c.result.completion, seq
+
+
+class Oracle:
+    """A fake predictor replaying the resident run's routing: ``right`` scores
+    the experts the next layer will use 1, else the ones it will not use 0.95."""
+
+    max_distance = 1
+
+    def __init__(self, seq, right: bool) -> None:
+        self.kind = "oracle" if right else "wrong"
+        self.seq, self.right, self.i = seq, right, 0
+
+    def reset(self) -> None:
+        pass  # one prompt: the position in the replay carries on
+
+    def observe(self, layer, experts, hidden):
+        want_layer, want = self.seq[self.i]
+        # the streamed run observes exactly the resident run's routing
+        assert want_layer == layer and sorted(want) == sorted(experts)
+        assert hidden is not None and hidden.dtype == np.float32
+        self.i += 1
+        if layer + 1 >= L:
+            return {}
+        nxt = set(self.seq[self.i][1].tolist())
+        scores = np.zeros(E, np.float32)
+        for e in range(E):
+            if (e in nxt) == self.right:
+                scores[e] = 1.0 if self.right else 0.95
+        return {layer + 1: scores}
+
+
+@pytest.fixture
+def slow_reads(monkeypatch):
+    """Every read takes READ_DELAY more: the compute waits on the drive, as it
+    does on a model larger than memory (tmpfs/page-cache reads are free)."""
+    real = ExtentReader._preadv
+
+    def slow(self, fd, buf, off):
+        time.sleep(READ_DELAY)
+        return real(self, fd, buf, off)
+
+    monkeypatch.setattr(ExtentReader, "_preadv", slow)
+
+
+def run(store, predictor=None, prefetch=True, slots=20, unthrottled=False, compute=0):
+    """Stream with ``slots`` expert slots; (text, source stats). ``compute``
+    seconds are added after each layer (a model whose layers take time)."""
+    ext = Store.open(store).extent_nbytes
+
+    def make(st):
+        return StreamedExperts(st, slots * ext, io_threads=2, prefetch=prefetch)
+
+    eng, tok = load(store, ctx=128, source=make)
+    try:
+        use_predictor(eng, predictor)
+        if compute:
+            eng.route_hook = lambda *a: time.sleep(compute)
+        if unthrottled:  # the counterfactual: scores taken as they come, all read
+            th = eng.source.throttle
+            th.probability = lambda score, distance, kind: score
+            th.decide = lambda p, room: "issue"
+        c = Completion(eng, tok, PROMPT, GenerateOptions(max_tokens=N_TOKENS))
+        done = threading.Event()
+        t = threading.Thread(target=lambda: (c.run(), done.set()), daemon=True)
+        t.start()
+        t.join(120)
+        assert done.is_set(), "generation did not finish (deadlock?)"
+        return c.result.completion, eng.source.stats()
+    finally:
+        eng.close()
+
+
+# ------------------------------------------------------------------ live runs
+
+
+def test_wrong_predictor_is_turned_off(store, resident, slow_reads):
+    text, seq = resident
+    t_off, off = run(store, prefetch=False)
+    t_free, free = run(store, Oracle(seq, right=False), unthrottled=True)
+    t_on, on = run(store, Oracle(seq, right=False))
+    assert t_off == t_free == t_on == text
+    ext = Store.open(store).extent_nbytes
+    th = on["prefetch_throttle"]
+    assert on["prefetch_hints"] == "wrong"
+    # without the throttle every wrong hint is read: far more bytes
+    assert free["prefetch_issued"] > 30
+    assert free["bytes_read"] > off["bytes_read"] + 20 * ext
+    # with it, a few reads until the precision is measured, then probes only
+    assert th["skipped_benefit"] > 5 * th["issued"]
+    assert th["state"] == "off"
+    assert th["hints_used"]["wrong"] == 0.0  # (prefill hints are lookahead)
+    assert on["bytes_read"] <= off["bytes_read"] + (th["issued"] + 2) * ext
+    assert on["bytes_read"] < free["bytes_read"]
+    # the cache's third signal got calibrated (near 0) probabilities, so the
+    # wrong hints did not push real experts out: hit rate as without prefetch
+    assert on["hit_rate"] >= off["hit_rate"] - 0.05
+
+
+def test_right_predictor_stays_on_and_raises_the_hit_rate(store, resident, slow_reads):
+    text, seq = resident
+    # layers computing for longer than a read: right prefetches land in time
+    t_off, off = run(store, prefetch=False, compute=3 * READ_DELAY)
+    t_on, on = run(store, Oracle(seq, right=True), compute=3 * READ_DELAY)
+    assert t_off == t_on == text
+    th = on["prefetch_throttle"]
+    assert th["state"] == "on" and th["probes"] == 0
+    assert th["live_precision"] >= 0.9 and th["hints_used"]["oracle"] == 1.0
+    assert on["prefetch_used"] >= 0.9 * on["prefetch_issued"] > 0
+    assert on["hit_rate"] > off["hit_rate"] + 0.1
+
+
+@pytest.mark.parametrize("how", ["lookahead", "oracle", "wrong", "off"])
+def test_tokens_identical_to_resident_with_any_hints(store, resident, how):
+    text, seq = resident
+    for slots in (2, 9):
+        pred = {"oracle": Oracle(seq, True), "wrong": Oracle(seq, False)}.get(how)
+        got, st = run(store, pred, prefetch=how != "off", slots=slots)
+        assert got == text
+        assert st["prefetch_hints"] == how
+
+
+def test_demand_read_overtakes_queued_prefetches(store):
+    """One reader thread held on its first chunk: three prefetches queue, a
+    demand read arrives, and it lands before every prefetch not yet started."""
+    s = Store.open(store)
+    ext = s.extent_nbytes
+    with StreamedExperts(
+        s, 8 * ext, io_threads=1, chunk_size=4096, prefetch_depth=3
+    ) as src:
+        gate = threading.Event()
+        real = src.reader._preadv
+
+        def held(fd, buf, off):
+            gate.wait(10)
+            return real(fd, buf, off)
+
+        src.reader._preadv = held
+        reqs = []
+        submit = src.reader.submit
+        src.reader.submit = lambda *a, **kw: reqs.append(submit(*a, **kw)) or reqs[-1]
+        src.prefetch(1, [0, 1, 2], [1.0, 1.0, 1.0])
+        assert src.stats()["prefetch_issued"] == 3
+        threading.Timer(0.2, gate.set).start()
+        list(src.fetch(0, [5]))  # demand, another layer: prefetches stay valid
+        for r in reqs:
+            r.wait(10)
+        *pf, demand = reqs
+        assert demand.priority == 0 and all(r.priority > 0 for r in pf)
+        # only the prefetch whose chunk was in flight may finish first
+        assert sum(r.t_done < demand.t_done for r in pf) <= 1
+        assert all(r.ok for r in reqs)
+
+
+# ------------------------------------------------------------------ the throttle
+
+
+def test_throttle_calibrates_and_breaks_even_on_stall_share():
+    th = PrefetchThrottle(num_layers=4, window=16)
+    assert th.probability(0.8, 1) == pytest.approx(0.8)  # no data: trust scores
+    for _ in range(20):  # scores of 0.8 that are right one time in four
+        th.candidates(2, 1, {0: 0.8, 1: 0.8, 2: 0.8, 3: 0.8})
+        th.visit(2, [0])
+    c = (1 + 4) / (1 + 16 * 0.8)  # the last 16 outcomes, 4 of them used
+    assert th.calibration(1) == pytest.approx(c)
+    assert th.probability(0.8, 1) == pytest.approx(0.8 * c)
+    assert th.hint_precision() == {"hint": pytest.approx(0.25)}
+    # the break-even probability follows the stall share: s / (1 + s)
+    assert th.threshold == 0.0
+    for _ in range(200):
+        th.interval(0.010, 0.006, rate=1e9)
+    assert th.stall_share == pytest.approx(0.6, abs=1e-6)
+    assert th.threshold == pytest.approx(0.6 / 1.6, abs=1e-6)
+    # spare bandwidth: 1 GB/s x 4 ms of compute = 4 extents of 1 MB, cap 3
+    assert th.inflight_cap(10**6, depth=3) == 3
+    assert th.inflight_cap(2 * 10**6, depth=3) == 2
+    assert th.inflight_cap(10**7, depth=3) == 1  # never below one
+
+
+def test_throttle_probes_when_off_and_backs_off():
+    th = PrefetchThrottle(num_layers=4)
+    for _ in range(100):
+        th.interval(0.01, 0.009, rate=1e9)  # stall share 0.9: threshold 0.47
+    decisions = [th.decide(0.1, room=True) for _ in range(PROBE_EVERY)]
+    assert decisions[:-1] == [None] * (PROBE_EVERY - 1)
+    assert decisions[-1] == "probe"
+    th.started("probe")
+    assert th.state == "off" and th.probes == th.issued == 1
+    # no second probe while one is unresolved
+    assert [th.decide(0.1, True) for _ in range(3 * PROBE_EVERY)] == [None] * (
+        3 * PROBE_EVERY
+    )
+    th.outcome(0.1, used=False, probe=True)  # wasted: the interval doubles
+    got = [th.decide(0.1, True) for _ in range(2 * PROBE_EVERY)]
+    assert got.index("probe") == 2 * PROBE_EVERY - 1
+    th.started("probe")
+    th.outcome(0.1, used=True, probe=True)  # used: back to the base interval
+    assert th.decide(0.9, True) == "issue" and th.state == "on"
+    assert th.decide(0.5, room=False) is None and th.skipped_bandwidth == 1
+
+
+# ------------------------------------------------------------------ CLI
+
+
+@pytest.fixture(scope="module")
+def predictors(store, tmp_path_factory):
+    """A real predictor of ``store`` and one of another model, each trained
+    on a trace made by mer_cli.trace."""
+    from mer_cli.quantize import quantize
+    from mer_cli.trace import trace
+    from mer_cli.train_predictor import train_predictor
+
+    d = tmp_path_factory.mktemp("preds")
+    other_ck = make_hf_checkpoint(d / "ck", "mixtral", seed=4, layers=3)
+    other = quantize(other_ck, d / "o.mer", progress=False)
+    prompts = [f"{w} prompt number {i}" for i, w in enumerate("abcdefgh")]
+    out = {}
+    for name, st in (("own", store), ("other", other)):
+        trace(st, prompts, d / f"{name}.trace.npz", max_tokens=6, progress=False)
+        train_predictor(
+            [d / f"{name}.trace.npz"],
+            d / f"{name}.pred.npz",
+            kind="markov",
+            epochs=2,
+            progress=False,
+        )
+        out[name] = d / f"{name}.pred.npz"
+    return out
+
+
+def gen(*args):
+    return CliRunner().invoke(cli, ["generate", *args], catch_exceptions=False)
+
+
+def test_cli_predictor_streams_same_text_and_reports_the_throttle(
+    store, resident, predictors
+):
+    ext = Store.open(store).extent_nbytes
+    args = ["--model", str(store), "--prompt", PROMPT, "--max-tokens", str(N_TOKENS)]
+    args += ["--ram-budget", str(12 * ext), "--stream", "--no-io-measure"]
+    r = gen(*args, "--predictor", str(predictors["own"]), "--stats")
+    assert r.exit_code == 0, r.output
+    assert r.stdout.strip() == resident[0].strip()
+    assert "prefetch (markov): throttle " in r.stderr
+    assert "skipped" in r.stderr and "live precision" in r.stderr
+
+
+def test_cli_refuses_a_predictor_of_another_model(store, predictors):
+    base = ["--model", str(store), "--prompt", "hi", "--max-tokens", "2"]
+    r = gen(*base, "--predictor", str(predictors["other"]))
+    assert r.exit_code == 1
+    assert str(predictors["other"]) in r.stderr
+    assert "made for a model with num_layers 3" in r.stderr
+    assert "this model has num_layers 4" in r.stderr
+    r = gen(*base, "--predictor", str(predictors["own"]), "--no-prefetch")
+    assert r.exit_code == 2 and "--no-prefetch" in r.stderr
+    r = gen(*base, "--predictor", str(store / "manifest.json"))
+    assert r.exit_code == 1 and "manifest.json" in r.stderr
