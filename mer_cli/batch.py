@@ -45,6 +45,7 @@ from mer_cli.errors import ResourceError, UsageError
 from mer_cli.generate import (
     FINISH_CONTEXT,
     FINISH_EOS,
+    FINISH_INTERRUPTED,
     FINISH_LENGTH,
     FINISH_STOP,
     GenerateOptions,
@@ -305,6 +306,7 @@ class BatchGeneration:
                 "--kv-budget, or lower --max-tokens or --ctx"
             )
         self.kv_budget = int(kv_budget)
+        self._started: dict[int, _Sequence] = {}  # joined, not yet yielded
         src = engine.source.stats()
         self.stats = BatchStats(
             batch=batch,
@@ -356,31 +358,43 @@ class BatchGeneration:
             while queue or active:
                 # join: the next prompts, while a slot and their KV memory are free
                 while queue and len(active) < self.batch:
-                    used = sum(s.cache.nbytes for s in active if s.cache is not None)
+                    used = sum(a.cache.nbytes for a in active)
                     if used + queue[0].capacity * self.per_position > self.kv_budget:
                         break
                     s = queue.pop(0)
+                    self._started[s.index] = s
                     if self._join(s):
                         active.append(s)
+                        st.kv_peak_nbytes = max(
+                            st.kv_peak_nbytes, used + s.cache.nbytes
+                        )
                     else:
                         done[s.index] = self._finish(s)
-                    st.kv_peak_nbytes = max(
-                        st.kv_peak_nbytes,
-                        sum(a.cache.nbytes for a in active if a.cache is not None),
-                    )
                 if active:
                     self._step(active)
                     for s in [s for s in active if s.result.finish_reason != _RUNNING]:
                         active.remove(s)
                         done[s.index] = self._finish(s)
                 while next_out in done:
+                    del self._started[next_out]
                     yield done.pop(next_out)
                     next_out += 1
         finally:
             st.wall_s = time.perf_counter() - t_start
             st.bytes_read = _bytes_read(eng.source) - read0
-            for s in active:  # interrupted: free the caches
-                s.cache = None
+
+    def unfinished(self) -> list[GenerateResult]:
+        """After an interrupted iteration: the results of the prompts that had
+        started and were not yielded, in input order; those still decoding end
+        with ``finish_reason`` "interrupted" and the text they had."""
+        out = []
+        for i in sorted(self._started):
+            s = self._started.pop(i)
+            if s.result.finish_reason == _RUNNING:
+                s.result.finish_reason = FINISH_INTERRUPTED
+                self._finish(s)
+            out.append(s.result)
+        return out
 
     def _join(self, s: _Sequence) -> bool:
         """Prefill ``s`` alone and take its first token; False if it is done."""

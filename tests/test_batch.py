@@ -165,6 +165,31 @@ def test_seeded_sampling_equals_single_runs(stores):
     assert all(r.stats["seed"] == 11 for r in results)
 
 
+def test_interrupted_run_keeps_what_was_generated(stores, stop_options, references):
+    eng, tok = open_engine(stores["mixtral"], "resident")
+    try:
+        run = BatchGeneration(eng, tok, PROMPTS, stop_options, 4)
+        it = iter(run)
+        first = next(it)
+        it.close()  # as Ctrl-C does to the consumer
+        rest = run.unfinished()
+    finally:
+        eng.close()
+    ref = references["resident"]
+    assert outcome(first) == outcome(ref[0])
+    assert [r.prompt for r in rest] == list(PROMPTS[1 : 1 + len(rest)])
+    cut = [r for r in rest if r.finish_reason == "interrupted"]
+    assert cut, [r.finish_reason for r in rest]
+    for r in rest:
+        full = ref[PROMPTS.index(r.prompt)]
+        if r.finish_reason == "interrupted":
+            assert r.completion_tokens < full.completion_tokens
+            assert full.completion.startswith(r.completion)
+        else:
+            assert outcome(r) == outcome(full)
+    assert run.unfinished() == []
+
+
 def test_max_tokens_zero(stores):
     opts = GenerateOptions(max_tokens=0)
     ref = single_runs(stores["mixtral"], "resident", opts)
