@@ -139,6 +139,19 @@ import click
     help="Also write the routing trace of every token (see mer-trace(5)).",
 )
 @click.option(
+    "--batch",
+    type=int,
+    metavar="N",
+    help="Decode up to N prompts together (1-32), sharing each expert read; "
+    "results in input order, each the same as its own run.",
+)
+@click.option(
+    "--kv-budget",
+    metavar="SIZE",
+    help="With --batch: memory for the KV caches of the prompts in flight, e.g. "
+    "64MiB [default: what N of the longest prompts need].",
+)
+@click.option(
     "--config",
     "config_path",
     type=click.Path(dir_okay=False),
@@ -171,6 +184,8 @@ def command(
     verify_checksums: bool,
     no_io_measure: bool,
     trace_out: str | None,
+    batch: int | None,
+    kv_budget: str | None,
     config_path: str | None,
 ) -> None:
     """Generate text from a prompt, streamed to stdout as tokens come.
@@ -204,11 +219,24 @@ def command(
     collapses prefetch turns itself off and only probes now and then. Demand
     reads always go first. --stats shows what the throttle did.
 
+    --batch N decodes up to N prompts of --prompts-file together: each step runs
+    one token of every prompt in flight, fetches the union of the experts they
+    chose once per layer and runs each expert once over all the tokens routed
+    to it, so a read from the drive serves several tokens. A finished prompt
+    leaves and the next one joins (its prompt runs alone first). Each result is
+    exactly what the prompt gives alone; they come out in input order. Each
+    prompt's KV cache holds only the positions it can use, and --kv-budget caps
+    their sum (a prompt waits for room). --stats ends with the aggregate tok/s,
+    expert fetches and bytes read per token (beside what one-token steps would
+    fetch) and the KV memory beside the expert cache. --batch does not combine
+    with --speculative or --trace-out.
+
     \b
     Examples:
       mer generate --model mixtral.mer --prompt "The capital of France is"
       echo "Write a haiku" | mer generate --model qwen.mer --prompt - --chat
       mer generate --model m.mer --prompts-file prompts.jsonl --json > out.jsonl
+      mer generate --model m.mer --prompts-file p.txt --batch 16 --json --stats
       mer generate --model m.mer --prompt "Once" --temperature 0.8 --seed 1 --stats
       mer generate --model mixtral.mer --prompt "Hi" --ram-budget 4GiB --stats
       mer generate --model m.mer --prompts-file edits.txt --speculative lookup
@@ -239,6 +267,7 @@ def command(
         raise click.UsageError(
             f"--draft {draft} is only used by --speculative draft; drop one of them"
         )
+    kv_bytes = _check_batch(batch, kv_budget, trace_out, speculative)
     prompts = [prompt] if prompt is not None else read_prompts(prompts_file)
     options = GenerateOptions(
         max_tokens=max_tokens,
@@ -291,6 +320,12 @@ def command(
         source=lambda st: open_source(st, plan),
     )
     use_predictor(engine, pred)
+    if batch is not None:
+        try:
+            _run_batch(engine, tok, prompts, options, batch, kv_bytes, as_json, stats)
+        finally:
+            engine.close()
+        return
     recorder = None
     if trace_out:
         from mer_cli.trace import TraceRecorder
@@ -313,6 +348,112 @@ def command(
         engine.close()
         if drafter is not None:
             drafter.close()
+
+
+def _check_batch(
+    batch: int | None,
+    kv_budget: str | None,
+    trace_out: str | None,
+    speculative: str | None,
+) -> int | None:
+    """Usage checks of --batch/--kv-budget; the KV budget in bytes (or None)."""
+    if batch is None:
+        if kv_budget is not None:
+            raise click.UsageError("--kv-budget only applies with --batch N")
+        return None
+    from mer_cli.batch import max_batch
+    from mer_cli.units import parse_size
+
+    if not 1 <= batch <= max_batch():
+        raise click.UsageError(
+            f"--batch {batch}: expected a whole number in 1..{max_batch()} (rows "
+            "the kernels compute bit-identically to one-token steps)"
+        )
+    if trace_out:
+        raise click.UsageError(
+            "--trace-out records one sequence at a time; leave out --batch to "
+            "write a trace"
+        )
+    if speculative:
+        raise click.UsageError(
+            "--batch and --speculative both batch tokens into one forward pass; "
+            "use one of them"
+        )
+    if kv_budget is None:
+        return None
+    n = parse_size(kv_budget, what="--kv-budget")
+    if n <= 0:
+        raise click.UsageError(f"--kv-budget {kv_budget}: expected a size above 0")
+    return n
+
+
+def _run_batch(engine, tok, prompts, options, batch, kv_bytes, as_json, stats):
+    """Continuous batching: print each result in input order, then the totals."""
+    from mer_cli.batch import BatchGeneration
+
+    def show(result) -> None:
+        if not as_json:
+            sys.stdout.write(result.completion)
+        _finish(result, as_json, False)
+        if stats:
+            s = result.stats
+            click.echo(
+                f"[{result.prompt_tokens} prompt tokens, {result.completion_tokens} "
+                f"generated, {result.finish_reason}] prefill "
+                f"{s['prefill_tok_s'] or 0:.2f} tok/s, decode "
+                f"{s['decode_tok_s'] or 0:.2f} tok/s (its share of batched steps), "
+                f"first token {s['time_to_first_token_s'] or 0:.2f} s",
+                err=True,
+            )
+
+    run = BatchGeneration(engine, tok, prompts, options, batch, kv_bytes)
+    try:
+        for result in run:
+            show(result)
+    except KeyboardInterrupt:  # what was generated so far goes out
+        for result in run.unfinished():
+            show(result)
+        raise
+    if stats:
+        _print_batch_stats(run.stats.as_dict())
+
+
+def _print_batch_stats(d: dict) -> None:
+    from mer_cli.units import format_size
+
+    def num(v, spec: str = ".2f") -> str:
+        return "-" if v is None else format(v, spec)
+
+    def size(v) -> str:
+        return "-" if v is None else format_size(int(v))
+
+    shared = (
+        d["expert_fetches_unshared"] / d["expert_fetches"]
+        if d["expert_fetches"]
+        else None
+    )
+    kv = d["kv_cache"]
+    click.echo(
+        f"batch {d['batch']}: {d['prompts']} prompts, {d['completion_tokens']} "
+        f"tokens generated in {d['wall_s']:.2f} s ({num(d['tok_s'])} tok/s); decode "
+        f"{d['decode_tokens']} tokens in {d['steps']} steps (mean batch "
+        f"{num(d['mean_batch'])}) at {num(d['decode_tok_s'])} tok/s; prefill "
+        f"{num(d['prefill_tok_s'])} tok/s",
+        err=True,
+    )
+    click.echo(
+        f"experts per decoded token: {size(d['expert_bytes_per_token'])} fetched "
+        f"(one token at a time: {size(d['expert_bytes_per_token_unshared'])}, "
+        f"{num(shared)}x more), {size(d['decode_bytes_read_per_token'])} read "
+        f"from the drive; {size(d['bytes_read'])} read in all",
+        err=True,
+    )
+    click.echo(
+        f"memory: expert cache {size(d['expert_cache_nbytes'])} "
+        f"({d['expert_source']}), KV caches {size(kv['peak_nbytes'])} at most of a "
+        f"{size(kv['budget'])} budget ({kv['dtype']})",
+        err=True,
+    )
 
 
 def _finish(result, as_json: bool, stats: bool) -> None:
