@@ -501,6 +501,7 @@ class BatchGeneration:
                 "nbytes": s.cache.nbytes if s.cache is not None else 0,
                 "budget": self.kv_budget,
             },
+            "expert_cache_nbytes": self.stats.expert_cache_nbytes,
             "source": self.engine.source.stats(),
             "peak_rss_bytes": peak_rss_bytes(),
         }

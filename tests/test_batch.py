@@ -312,6 +312,7 @@ def test_cli_batch_json_equals_single(stores, prompts_file):
     assert [[d[k] for k in keys] for d in b] == [[d[k] for k in keys] for d in a]
     assert [d["prompt"] for d in b] == list(PROMPTS)  # input order
     assert all(d["stats"]["batch"] == 3 and d["stats"]["kv_cache"]["nbytes"] for d in b)
+    assert all(d["stats"]["expert_cache_nbytes"] == 64 * 1024 for d in b)
     err = batched.stderr
     assert "batch 3: 7 prompts" in err and "tok/s" in err
     assert "read from the drive" in err and "KV caches" in err and "(streamed)" in err
