@@ -73,10 +73,10 @@ def single_runs(store: Path, kind: str, options: GenerateOptions):
         eng.close()
 
 
-def batch_run(store, kind, options, batch, kv_budget=None, **kw):
+def batch_run(store, kind, options, batch, kv_budget=None, prompts=PROMPTS, **kw):
     eng, tok = open_engine(store, kind, **kw)
     try:
-        run = BatchGeneration(eng, tok, PROMPTS, options, batch, kv_budget)
+        run = BatchGeneration(eng, tok, prompts, options, batch, kv_budget)
         return list(run), run.stats.as_dict()
     finally:
         eng.close()
@@ -229,12 +229,11 @@ def test_step_rows_bit_identical_to_single_steps(stores, arch):
 def test_shared_reads_cut_bytes_per_token(stores):
     """One slot, no prefetch: every fetch is a read, so bytes read per token are
     the fetches' extents; with 4 in flight a read serves several tokens."""
-    opts = GenerateOptions(max_tokens=MAX_TOKENS)
+    opts = GenerateOptions(max_tokens=6)
     ext = quantize_extent(stores["mixtral"])
-    one, s1 = batch_run(stores["mixtral"], "streamed", opts, 1, slots=1, prefetch=False)
-    four, s4 = batch_run(
-        stores["mixtral"], "streamed", opts, 4, slots=1, prefetch=False
-    )
+    kw = {"slots": 1, "prefetch": False, "prompts": PROMPTS[:4]}
+    one, s1 = batch_run(stores["mixtral"], "streamed", opts, 1, **kw)
+    four, s4 = batch_run(stores["mixtral"], "streamed", opts, 4, **kw)
     assert [outcome(r) for r in four] == [outcome(r) for r in one]
     for s in (s1, s4):
         assert s["decode_bytes_read"] == s["expert_fetches"] * ext
