@@ -327,6 +327,8 @@ def test_draft_with_another_tokenizer_is_refused(stores):
         (["--speculative", "draft"], "needs --draft STORE"),
         (["--speculative", "lookup", "--draft-tokens", "0"], "--draft-tokens 0"),
         (["--speculative", "lookup", "--draft-tokens", "40"], "expected 1..31"),
+        (["--speculative", "lookup", "--trace-out", "t.npz"], "leave out --spec"),
+        (["--speculative", "lookup", "--batch", "2"], "use one of them"),
     ],
 )
 def test_cli_usage_errors(stores, args, message):

@@ -267,6 +267,12 @@ def command(
         raise click.UsageError(
             f"--draft {draft} is only used by --speculative draft; drop one of them"
         )
+    if speculative and trace_out:
+        raise click.UsageError(
+            "--trace-out records every forward pass, and --speculative passes hold "
+            "drafted tokens that may be rejected; leave out --speculative to write "
+            "a trace"
+        )
     kv_bytes = _check_batch(batch, kv_budget, trace_out, speculative)
     prompts = [prompt] if prompt is not None else read_prompts(prompts_file)
     options = GenerateOptions(
