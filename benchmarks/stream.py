@@ -19,6 +19,10 @@ is charged there). Configurations:
 ``stream``, ``stream-noprefetch``
     ``StreamedExperts`` (O_DIRECT reads into ``--ram-budget`` of slots), with the
     router-lookahead prefetch on and off.
+``stream-KIND``
+    One per ``--predictor PRED`` (KIND = the predictor's kind, ``markov`` or
+    ``mlp``): prefetches ranked by the predictor (``mer generate --predictor``),
+    throttled by live precision like the lookahead ones.
 ``mmap``
     The naive baseline: the same store through its memory map
     (``ResidentExperts(preload=False)``), i.e. page-cache demand paging.
@@ -35,6 +39,14 @@ reads were in flight, and over decode wall time), its share of the ceiling, the
 share of decode time stalled on I/O, and token time / max(I/O time, compute
 time), where I/O time = decode bytes read / ceiling. Ratios: ours / llama.cpp,
 ours / mmap. The machine may be shared: compare only figures of one run.
+
+A second table compares the prefetch configurations with prefetch off:
+decode tok/s and its ratio to ``stream-noprefetch`` of the same round, bytes
+read per token, hit rate, and what the throttle did (reads issued, probes,
+candidates skipped because the benefit was below the cost or for lack of spare
+bandwidth, live precision, share of hinted experts used, final state).
+``--repeat N`` runs the streamed configurations N times in rotated order, so
+the spread of the prefetch-off runs shows the noise.
 
 Each configuration is bounded by ``--tokens`` and killed after ``--timeout``
 seconds; the cgroup is removed at the end (also on Ctrl-C).
@@ -106,7 +118,7 @@ def child_mer(cfg: dict) -> dict:
             cfg["ram_budget"],
             io_threads=cfg["io_threads"],
             chunk_size=cfg["chunk"],
-            prefetch=mode == "stream",
+            prefetch=mode in ("stream", "stream-pred"),
             switch_interval=cfg.get("switch_interval"),
         )
 
@@ -114,6 +126,11 @@ def child_mer(cfg: dict) -> dict:
     eng, tok = load(
         cfg["store"], ctx=cfg["ctx"], threads=cfg.get("threads"), source=make
     )
+    if cfg.get("predictor"):
+        from mer_cli.predictors import load_predictor
+        from mer_cli.prefetch import use_predictor
+
+        use_predictor(eng, load_predictor(cfg["predictor"], eng.store))
     load_s = time.perf_counter() - t_load
     try:
         c = Completion(
@@ -436,8 +453,22 @@ def main() -> None:
         "--skip",
         action="append",
         default=[],
-        choices=["stream", "stream-noprefetch", "mmap", "llama.cpp"],
-        help="leave this configuration out (repeatable)",
+        metavar="CONFIG",
+        help="leave this configuration out (repeatable): stream, "
+        "stream-noprefetch, mmap, llama.cpp, stream-KIND",
+    )
+    ap.add_argument(
+        "--predictor",
+        action="append",
+        default=[],
+        metavar="PRED",
+        help="also stream with prefetches ranked by this predictor (repeatable)",
+    )
+    ap.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="run the streamed configurations this many times, rotated",
     )
     ap.add_argument(
         "--no-cgroup",
@@ -456,6 +487,7 @@ def main() -> None:
             "dry run without the memory limit"
         )
     store = Store.open(args.store)
+    pred_kinds = predictor_kinds(args.predictor, store)
     limit = parse_size(args.limit, what="--limit")
     chunk = parse_size(args.chunk, what="--chunk")
     cfg = store.model
@@ -545,20 +577,40 @@ def main() -> None:
 
         if not args.no_cgroup:
             cgroup = Cgroup(f"mer-stream-bench-{os.getpid()}", limit)
-        configs = [
-            {**base, "mode": "stream", "name": "stream"},
+        streamed = [
             {**base, "mode": "stream-noprefetch", "name": "stream-noprefetch"},
-            {**base, "mode": "mmap", "name": "mmap"},
+            {**base, "mode": "stream", "name": "stream"},
         ]
+        for path, kind in pred_kinds:
+            streamed.append(
+                {**base, "mode": "stream-pred", "name": kind, "predictor": path}
+            )
+        others = [{**base, "mode": "mmap", "name": "mmap"}]
         if args.gguf:
-            configs.append(
+            others.append(
                 {**base, "mode": "llama", "name": "llama.cpp", "gguf": args.gguf}
             )
-        configs = [c for c in configs if c["name"] not in args.skip]
-        for c in configs:
+        names = {c["name"] for c in streamed + others}
+        bad = sorted(set(args.skip) - names)
+        if bad:
+            sys.exit(f"--skip {bad[0]}: no such configuration; have {sorted(names)}")
+        streamed = [c for c in streamed if c["name"] not in args.skip]
+        others = [c for c in others if c["name"] not in args.skip]
+        # rounds of the streamed configurations, rotated so that none always
+        # runs first (the disk and the shared machine drift)
+        runs = []
+        for r in range(max(args.repeat, 1)):
+            k = r % max(len(streamed), 1)
+            runs += [{**c, "round": r} for c in streamed[k:] + streamed[:k]]
+        for c in runs + others:
             drop_caches(files + ([Path(args.gguf)] if args.gguf else []), drop_all)
-            print(f"running {c['name']} ...", flush=True)
-            results.append(run_child(c, cgroup, args.timeout))
+            tag = (
+                f" (round {c['round'] + 1})" if args.repeat > 1 and "round" in c else ""
+            )
+            print(f"running {c['name']}{tag} ...", flush=True)
+            res = run_child(c, cgroup, args.timeout)
+            res["round"] = c.get("round", 0)
+            results.append(res)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
     finally:
@@ -567,13 +619,89 @@ def main() -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
     report(results, ceil, args, budget)
+    report_prefetch(results, store.extent_nbytes)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "results": results}, f, indent=1)
 
 
+def predictor_kinds(paths: list[str], store) -> list[tuple[str, str]]:
+    """``(path, config name)`` per predictor: ``stream-KIND`` (numbered when
+    two have the same kind); each is checked against ``store`` first."""
+    from mer_cli.errors import MerError
+    from mer_cli.predictors import load_predictor
+
+    out: list[tuple[str, str]] = []
+    for p in paths:
+        try:
+            kind = load_predictor(p, store).kind
+        except MerError as e:
+            sys.exit(f"--predictor: {e}")
+        name = f"stream-{kind}"
+        n = sum(1 for _, x in out if x.startswith(name))
+        out.append((str(Path(p).resolve()), f"{name}-{n + 1}" if n else name))
+    return out
+
+
+def report_prefetch(results: list[dict], extent_nbytes: int) -> None:
+    """The prefetch configurations against prefetch off (same round)."""
+    rows = [r for r in results if r.get("config", "").startswith("stream")]
+    if not rows:
+        return
+    off = {r["round"]: r for r in rows if r["config"] == "stream-noprefetch"}
+    print()
+    head = (
+        f"{'config':18} {'round':>5} {'tok/s':>7} {'vs off':>6} {'GB/tok':>7} "
+        f"{'hit':>5} {'issued':>6} {'probes':>6} {'skip b':>6} {'skip bw':>7} "
+        f"{'precis':>6} {'used':>14} {'state':>5}"
+    )
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        if "error" in r:
+            print(f"{r['config']:18} error: {r['error']}")
+            continue
+        io = r.get("io") or {}
+        src = r.get("source") or {}
+        th = src.get("prefetch_throttle") or {}
+        n = r.get("decode_tokens") or 0
+        gb_tok = io.get("decode_bytes_read", 0) / n / 1e9 if n else None
+        base = off.get(r["round"], {}).get("decode_tok_s")
+        tps = r.get("decode_tok_s")
+        ratio = tps / base if tps and base else None
+        used = ",".join(
+            f"{k[:4]} {100 * v:.0f}%" for k, v in (th.get("hints_used") or {}).items()
+        )
+        on = src.get("prefetch_hints") != "off"
+        print(
+            f"{r['config']:18} {r['round'] + 1:>5} {fmt(tps, '.3f'):>7} "
+            f"{fmt(ratio, '.2f'):>6} {fmt(gb_tok, '.3f'):>7} "
+            f"{fmt(io.get('hit_rate') and 100 * io['hit_rate'], '.0f', '%'):>5} "
+            f"{src.get('prefetch_issued', 0):>6} {th.get('probes', 0) if on else '-':>6} "
+            f"{th.get('skipped_benefit', 0) if on else '-':>6} "
+            f"{th.get('skipped_bandwidth', 0) if on else '-':>7} "
+            f"{fmt(th.get('live_precision') and 100 * th['live_precision'], '.0f', '%'):>6} "
+            f"{used or '-':>14} {th.get('state', '-') if on else '-':>5}"
+        )  # fmt: skip
+    spread = [r.get("decode_tok_s") for r in off.values() if r.get("decode_tok_s")]
+    if len(spread) > 1:
+        lo, hi = min(spread), max(spread)
+        print(
+            f"prefetch off over {len(spread)} rounds: {lo:.3f}-{hi:.3f} tok/s "
+            f"(spread {100 * (hi - lo) / hi:.0f}%: the noise)"
+        )
+    print(
+        "vs off: decode tok/s / prefetch-off's in the same round; GB/tok: expert "
+        f"bytes read per decode token ({extent_nbytes / 1e6:.1f} MB per expert); "
+        "issued: prefetch reads (probes: of them, reads while the throttle was "
+        "off); skip b / skip bw: candidates refused, benefit below cost / no "
+        "spare bandwidth; precis: issued prefetches used; used: hinted experts "
+        "used, per hint kind (prefill hints are router lookahead)"
+    )
+
+
 def report(results: list[dict], ceil: float | None, args, budget: int) -> None:
-    by = {r["config"]: r for r in results}
+    by = {r["config"]: r for r in results if r.get("round", 0) == 0}
     ref = by.get("resident")
     # compute time per token: resident decode, else the streamed stall-free time
     compute = None
@@ -597,8 +725,9 @@ def report(results: list[dict], ceil: float | None, args, budget: int) -> None:
     print(head)
     print("-" * len(head))
     for r in results:
+        name = r["config"] + (f" #{r['round'] + 1}" if r.get("round") else "")
         if "error" in r:
-            print(f"{r['config']:18} error: {r['error']}")
+            print(f"{name:18} error: {r['error']}")
             continue
         n = r.get("decode_tokens") or 0
         tps = r.get("decode_tok_s")
@@ -614,7 +743,7 @@ def report(results: list[dict], ceil: float | None, args, budget: int) -> None:
         bound = max(x for x in (io_time, compute, 0.0) if x is not None)
         ratio = spt / bound if spt and bound else None
         print(
-            f"{r['config']:18} {fmt(tps, '.3f'):>8} {fmt(spt, '.3f'):>8} "
+            f"{name:18} {fmt(tps, '.3f'):>8} {fmt(spt, '.3f'):>8} "
             f"{fmt(read_gbps):>9} {fmt(wall_gbps):>9} "
             f"{fmt(share and 100 * share, '.1f', '%'):>7} "
             f"{fmt(wall_share and 100 * wall_share, '.1f', '%'):>7} "
