@@ -13,7 +13,10 @@ versioned ``.npz`` (no pickle, format below):
 * ``mlp``: a small multi-label MLP per layer (numpy-trained with Adam) from the
   hidden-state sketch, the current and previous layer's experts and the
   previous token's experts at the target layers to the experts of layers
-  ``l+1..l+A``.
+  ``l+1..l+A``. With ``router_inputs`` (meta, trained with ``--model``) it
+  also takes the router lookahead of the target layers -- their RMS norm and
+  router applied to the hidden state, with weights copied from the store into
+  the file -- so it refines the training-free baseline.
 
 Live interface (``mer generate --predictor``)::
 
@@ -40,8 +43,10 @@ File format (``mer-predictor`` version 1): an uncompressed ``.npz`` whose
 ``meta.json`` member (uint8, UTF-8 JSON) holds ``format``, ``version``,
 ``kind``, the model's ``store_id``, ``arch``, ``num_layers``, ``num_experts``,
 ``top_k``, ``hidden_size``, ``sketch_dim``, ``sketch_seed``,
-``max_distance`` and ``created_by``, plus free-form ``training`` figures; the
-arrays of each kind are listed in :data:`SCHEMAS` (shape letters: L layers,
+``max_distance`` and ``created_by``, plus free-form ``training`` figures (an
+``mlp`` with router inputs adds ``router_inputs: true`` and ``rms_norm_eps``);
+the arrays of each kind are listed in :data:`SCHEMAS` and
+:data:`ROUTER_SCHEMA` (shape letters: L layers,
 E experts, A max_distance, S sketch width, D model width, F MLP inputs,
 H hidden units, M1/M2 context-table rows).
 """
@@ -106,6 +111,11 @@ SCHEMAS: dict[str, dict[str, tuple[str, tuple[str, ...]]]] = {
         "w2": ("float32", ("L", "H", "AE")),
         "b2": ("float32", ("L", "AE")),
     },
+}
+# members of an mlp with meta "router_inputs": true (router lookahead inputs)
+ROUTER_SCHEMA: dict[str, tuple[str, tuple[str, ...]]] = {
+    "routers": ("float32", ("L", "E", "D")),  # each layer's router [E, D]
+    "router_norms": ("float32", ("L", "D")),  # and its ffn_norm weight
 }
 
 # random 64-bit codes of experts (XOR of a set's codes = the set's key part)
@@ -255,7 +265,8 @@ class Predictor:
         the last layer are undefined). ``x`` bool ``[T, E]`` experts at
         ``layer``, ``below`` the same at ``layer-1`` (None: unknown), ``prev``
         bool ``[T, A, E]`` the previous token at the targets where
-        ``has_prev`` ``[T, A]``; ``sketch`` f32 ``[T, S]`` replaces ``hidden``."""
+        ``has_prev`` ``[T, A]``; ``sketch`` f32 ``[T, S]`` (and, for router-input
+        MLPs, ``lookahead`` ``[T, A, E]``) replace ``hidden``."""
         raise NotImplementedError
 
     def predict_trace(self, trace) -> np.ndarray:
@@ -277,7 +288,10 @@ class Predictor:
             known[:, n:] = False  # no target layer that far: as observe does
             below = X[:, layer - 1] if layer else None
             sk = trace.sketch[:, layer].astype(np.float32)
-            s = self._scores(layer, X[:, layer], below, prev, known, None, sk)
+            kw = {}
+            if getattr(self, "router_inputs", False):
+                kw["lookahead"] = trace_lookahead(trace, layer, A)
+            s = self._scores(layer, X[:, layer], below, prev, known, None, sk, **kw)
             out[:, layer, :n] = s[:, :n]
         return out
 
@@ -383,29 +397,45 @@ class MLPPredictor(Predictor):
         below: np.ndarray | None,
         prev: np.ndarray,
         has_prev: np.ndarray,
+        lookahead: np.ndarray | None = None,
     ) -> np.ndarray:
-        """f32 ``[T, F]`` MLP input, F = S + 2E + A*E + A: standardised sketch
-        ``[T, S]``, experts at ``layer`` and ``layer-1``, the previous token's
-        experts at the A targets and whether it is known."""
+        """f32 ``[T, F]`` MLP input, F = S + 2E + A*E + A (+ A*E with router
+        inputs): standardised sketch ``[T, S]``, experts at ``layer`` and
+        ``layer-1``, the previous token's experts at the A targets and whether
+        it is known (and the router lookahead ``[T, A, E]``)."""
         return mlp_inputs(
             (sketch - self.arrays["mu"][layer]) / self.arrays["sd"][layer],
             x,
             below,
             prev,
             has_prev,
+            lookahead,
         )
 
-    def _scores(self, layer, x, below, prev, has_prev, hidden, sketch=None):
-        if sketch is None:
+    @property
+    def router_inputs(self) -> bool:
+        """Whether the MLP also takes the router lookahead as input."""
+        return bool(self.meta.get("router_inputs", False))
+
+    def _scores(
+        self, layer, x, below, prev, has_prev, hidden, sketch=None, lookahead=None
+    ):
+        if sketch is None or (self.router_inputs and lookahead is None):
             if hidden is None:
                 raise ValueError(
                     "observe: the mlp predictor needs hidden (the residual entering "
                     "the MoE block)"
                 )
+        if sketch is None:
             # as the trace stored it: f32 product rounded to f16
             sketch = (hidden @ self.arrays["projection"]).astype(np.float16)
+        if self.router_inputs and lookahead is None:
+            eps = float(self.meta["rms_norm_eps"])
+            lookahead = router_lookahead(
+                self.arrays, layer, hidden, self.max_distance, eps
+            )
         sketch = np.asarray(sketch, np.float32)
-        z = self.inputs(layer, sketch, x, below, prev, has_prev)
+        z = self.inputs(layer, sketch, x, below, prev, has_prev, lookahead)
         logits = mlp_forward(self.arrays, layer, z)[0]  # [T, A*E]
         return _sigmoid(logits).reshape(x.shape[0], self.max_distance, self.E)
 
@@ -416,16 +446,41 @@ def mlp_inputs(
     below: np.ndarray | None,
     prev: np.ndarray,
     has_prev: np.ndarray,
+    lookahead: np.ndarray | None = None,
 ) -> np.ndarray:
     """f32 ``[T, F]``: ``sketch`` ``[T, S]`` (standardised), ``x`` ``[T, E]``,
     ``below`` ``[T, E]`` (zeros when None), ``prev`` ``[T, A, E]`` masked by
-    ``has_prev`` ``[T, A]``, and ``has_prev`` itself."""
+    ``has_prev`` ``[T, A]``, ``has_prev`` itself, then (router-input MLPs)
+    the router lookahead ``[T, A, E]`` (zeros past the last layer)."""
     T = x.shape[0]
     b = np.zeros_like(x) if below is None else below
     p = prev & has_prev[:, :, None]
-    return np.concatenate(
-        [sketch, x, b, p.reshape(T, -1), has_prev], axis=1, dtype=np.float32
-    )
+    parts = [sketch, x, b, p.reshape(T, -1), has_prev]
+    if lookahead is not None:
+        parts.append(lookahead.reshape(T, -1))
+    return np.concatenate(parts, axis=1, dtype=np.float32)
+
+
+def router_lookahead(
+    arrays: dict[str, np.ndarray],
+    layer: int,
+    hidden: np.ndarray,
+    max_distance: int,
+    eps: float,
+) -> np.ndarray:
+    """f32 ``[T, A, E]``: softmax of layer ``layer+d``'s router on
+    ``rms_norm(hidden, router_norms[layer+d])`` for d = 1..A, rounded to f16
+    as traces store it (zeros past the last layer); ``hidden`` f32 ``[T, D]``."""
+    R, W = arrays["routers"], arrays["router_norms"]
+    L, E = R.shape[0], R.shape[1]
+    out = np.zeros((hidden.shape[0], max_distance, E), np.float32)
+    ms = np.mean(hidden * hidden, axis=-1, keepdims=True)
+    xn = hidden / np.sqrt(ms + np.float32(eps))
+    for d in range(1, min(max_distance, L - 1 - layer) + 1):
+        z = (xn * W[layer + d]) @ R[layer + d].T  # [T, E]
+        z = np.exp(z - z.max(-1, keepdims=True))
+        out[:, d - 1] = (z / z.sum(-1, keepdims=True)).astype(np.float16)
+    return out
 
 
 def mlp_forward(
@@ -435,6 +490,21 @@ def mlp_forward(
     ``[T, F]``, and its hidden activations ``[T, H]`` (ReLU)."""
     h = np.maximum(z @ w["w1"][layer] + w["b1"][layer], 0.0)
     return h @ w["w2"][layer] + w["b2"][layer], h
+
+
+def trace_lookahead(trace, layer: int, max_distance: int) -> np.ndarray:
+    """f32 ``[N, A, E]``: the router lookahead a trace recorded at ``layer``
+    (:class:`UsageError` if it recorded fewer than A distances)."""
+    from mer_cli.formats.trace import lookahead_depth
+
+    depth = lookahead_depth(trace.meta)
+    if depth < max_distance:
+        raise UsageError(
+            f"{trace.path or 'trace'}: records router lookahead for {depth} "
+            f"layer(s) ahead; this predictor takes {max_distance}: record the "
+            f"trace with mer trace --lookahead {max_distance}"
+        )
+    return trace.lookahead[:, layer, :max_distance].astype(np.float32)
 
 
 PREDICTOR_CLASSES: dict[str, type[Predictor]] = {
@@ -452,8 +522,8 @@ def load_predictor(path: str | os.PathLike, model: Any = None) -> Predictor:
     Parameters
     ----------
     path : the ``.npz`` written by ``mer train-predictor``.
-    model : ModelConfig or Store, optional
-        The model it will serve: its shape must match (a Store's store_id
+    model : ModelConfig, Store or a store's path, optional
+        The model it will serve: its shape must match (a store's store_id
         too); a :class:`FormatError` names the field otherwise.
 
     Raises
@@ -497,7 +567,7 @@ def load_predictor(path: str | os.PathLike, model: Any = None) -> Predictor:
             except (UnicodeDecodeError, json.JSONDecodeError) as e:
                 raise FormatError(f"{path}: meta.json is not JSON ({e})") from None
             _check_meta(meta, f"{path}: meta.json")
-            schema = SCHEMAS[meta["kind"]]
+            schema = schema_of(meta["kind"], meta)
             missing = [n for n in schema if n not in z.files]
             if missing:
                 raise FormatError(
@@ -520,9 +590,21 @@ def load_predictor(path: str | os.PathLike, model: Any = None) -> Predictor:
     return PREDICTOR_CLASSES[meta["kind"]](meta, arrays)
 
 
+def schema_of(kind: str, meta: dict[str, Any]) -> dict[str, tuple[str, tuple]]:
+    """The members a predictor of ``kind`` with ``meta`` must hold."""
+    schema = dict(SCHEMAS[kind])
+    if kind == "mlp" and meta.get("router_inputs"):
+        schema |= ROUTER_SCHEMA
+    return schema
+
+
 def check_model(meta: dict[str, Any], model: Any, where: str) -> None:
-    """:class:`FormatError` unless ``model`` (ModelConfig or Store) is the one
+    """:class:`FormatError` unless ``model`` (ModelConfig, Store or path) is the one
     the predictor (or trace) ``meta`` was made for."""
+    if isinstance(model, (str, os.PathLike)):
+        from mer_cli.formats.store import Store
+
+        model = Store.open(model)
     cfg = getattr(model, "model", model)
     have = {
         "arch": cfg.arch,
@@ -570,6 +652,15 @@ def _check_meta(meta: Any, where: str) -> None:
         raise FormatError(
             f"{where}: kind is {meta['kind']!r}, expected one of {', '.join(KINDS)}"
         )
+    ri = meta.get("router_inputs", False)
+    if not isinstance(ri, bool):
+        raise FormatError(f"{where}: router_inputs is {ri!r}, expected true or false")
+    eps = meta.get("rms_norm_eps")
+    if ri and (not isinstance(eps, float) or not 0 < eps < 1):
+        raise FormatError(
+            f"{where}: rms_norm_eps is {eps!r}, expected a small positive number "
+            "(needed with router_inputs)"
+        )
     if not 1 <= meta["max_distance"] <= MAX_DISTANCE:
         raise FormatError(
             f"{where}: max_distance is {meta['max_distance']}, expected "
@@ -588,7 +679,7 @@ def _check_arrays(
     dims: dict[str, int] = {"L": L, "E": E, "A": A, "AE": A * E, "2": 2, "5": 5}
     dims |= {"D": meta["hidden_size"], "S": meta["sketch_dim"]}
     # free sizes: taken from the first member that has them
-    for name, (dtype, shape) in SCHEMAS[kind].items():
+    for name, (dtype, shape) in schema_of(kind, meta).items():
         a = arrays[name]
         for letter, n in zip(shape, a.shape):
             dims.setdefault(letter, n)
@@ -604,11 +695,12 @@ def _check_arrays(
                 f"{where}: {name} holds NaN or infinity; train the predictor again"
             )
     if kind == "mlp":
-        F = dims["S"] + 2 * E + A * E + A
+        extra = A * E if meta.get("router_inputs") else 0
+        F = dims["S"] + 2 * E + A * E + A + extra
         if dims["F"] != F:
             raise FormatError(
-                f"{where}: w1 has {dims['F']} inputs, expected S + 2E + A*E + A = "
-                f"{F}; train the predictor again"
+                f"{where}: w1 has {dims['F']} inputs, expected S + 2E + A*E + A"
+                f"{' + A*E' if extra else ''} = {F}; train the predictor again"
             )
     if kind == "markov":
         for o in (1, 2):

@@ -39,9 +39,11 @@ from mer_cli.predictors import (
     mlp_inputs,
     multi_hot,
     set_codes,
+    trace_lookahead,
 )
 
 DEFAULT_BUDGETS = (0.10, 0.25, 0.50)
+KINDS = ("best", "markov", "mlp", "mlp+router")
 
 # ======================================================================= data
 
@@ -197,10 +199,11 @@ def _logistic(f: np.ndarray, y: np.ndarray, l2: float = 1e-3) -> np.ndarray:
 
 
 def _mlp_data(
-    trace: Trace, A: int, mu: np.ndarray, sd: np.ndarray
+    trace: Trace, A: int, mu: np.ndarray, sd: np.ndarray, router: bool = False
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Inputs f32 ``[L, N, F]``, targets f32 ``[L, N, A*E]`` and their mask
-    (``l + d < L``) ``[L, 1, A*E]``, every token with its previous one known."""
+    (``l + d < L``) ``[L, 1, A*E]``, every token with its previous one known
+    (``router``: the trace's router lookahead is an input too)."""
     L, E = trace.meta["num_layers"], trace.meta["num_experts"]
     X = multi_hot(trace.experts, E)
     N = X.shape[0]
@@ -219,7 +222,8 @@ def _mlp_data(
         has[:, n:] = False
         below = X[:, layer - 1] if layer else None
         sk = (trace.sketch[:, layer].astype(np.float32) - mu[layer]) / sd[layer]
-        zs.append(mlp_inputs(sk, X[:, layer], below, prev, has))
+        look = trace_lookahead(trace, layer, A) if router else None
+        zs.append(mlp_inputs(sk, X[:, layer], below, prev, has, look))
         ys.append(y.reshape(N, A * E))
     return np.stack(zs), np.stack(ys).astype(np.float32), mask
 
@@ -236,6 +240,7 @@ def fit_mlp(
     weight_decay: float = 1e-4,
     patience: int = 8,
     seed: int = 0,
+    routers: tuple[np.ndarray, np.ndarray, float] | None = None,
     progress: bool = True,
 ) -> MLPPredictor:
     """Train the per-layer MLPs with Adam on binary cross-entropy.
@@ -243,6 +248,10 @@ def fit_mlp(
     One ReLU layer of ``hidden`` units per source layer; the epoch with the
     lowest loss on ``valid`` (when given; else the last) is kept, and
     training stops after ``patience`` epochs without improvement.
+    ``routers`` = (f32 ``[L, E, D]`` routers, f32 ``[L, D]`` their norms'
+    weights, the norm's eps) of the traced model makes the router lookahead
+    an input (from the traces' ``lookahead`` member in training, computed
+    from the hidden state live); the weights go into the file.
     """
     L, E = train.meta["num_layers"], train.meta["num_experts"]
     A = max_distance
@@ -250,7 +259,8 @@ def fit_mlp(
     mu = sk.mean(0)
     sd = np.maximum(sk.std(0), 1e-3 * max(float(sk.std()), 1e-12))
     sd = np.maximum(sd, 1e-12)
-    Z, Y, M = _mlp_data(train, A, mu, sd)
+    use_router = routers is not None
+    Z, Y, M = _mlp_data(train, A, mu, sd, use_router)
     F = Z.shape[2]
     rng = np.random.default_rng(seed)
     w = {
@@ -260,7 +270,7 @@ def fit_mlp(
         "b2": _logit_of(Y.mean(1)),  # [L, A*E]: start from the base rates
     }
     w = {k: v.astype(np.float32) for k, v in w.items()}
-    vdata = _mlp_data(valid, A, mu, sd) if valid is not None else None
+    vdata = _mlp_data(valid, A, mu, sd, use_router) if valid is not None else None
     adam = {k: (np.zeros_like(v), np.zeros_like(v)) for k, v in w.items()}
     b1_, b2_, eps = 0.9, 0.999, 1e-8
     N = Z.shape[1]
@@ -306,6 +316,11 @@ def fit_mlp(
         **{k: v.astype(np.float32) for k, v in w.items()},
     }
     meta = predictor_meta(train, "mlp", A)
+    if routers is not None:
+        arrays["routers"] = np.ascontiguousarray(routers[0], np.float32)
+        arrays["router_norms"] = np.ascontiguousarray(routers[1], np.float32)
+        meta["router_inputs"] = True
+        meta["rms_norm_eps"] = float(routers[2])
     meta["training"] |= {"hidden": hidden, "epochs": _epoch + 1, "valid_loss": best}
     if not np.isfinite(best):
         meta["training"]["valid_loss"] = None
@@ -497,19 +512,29 @@ def train_predictor(
     epochs: int = 60,
     budgets: Sequence[float] = DEFAULT_BUDGETS,
     seed: int = 0,
+    model: str | os.PathLike | None = None,
     plot: str | os.PathLike | None = None,
     progress: bool = True,
 ) -> Report:
     """Fit the Markov and MLP predictors on the training prompts of
     ``traces``, score every predictor on the held-out prompts, and save one
-    predictor to ``output`` (``kind``: ``markov``, ``mlp`` or ``best`` -- the
-    higher held-out recall@K one layer ahead).
+    predictor to ``output`` (``kind``: ``markov``, ``mlp``, ``mlp+router`` or
+    ``best`` -- the highest held-out recall@K one layer ahead).
+
+    With ``model`` (the store the traces were recorded from, traces recorded
+    with router lookahead) a second MLP, ``mlp+router``, also takes the router
+    lookahead as input (:func:`fit_mlp` ``routers``).
 
     Returns the :class:`Report` (held-out figures); ``plot`` also draws the
     expert-usage heatmap and recall-vs-distance curves to a PNG.
     """
-    if kind not in ("best", "markov", "mlp"):
-        raise UsageError(f"--kind {kind}: expected best, markov or mlp")
+    if kind not in KINDS:
+        raise UsageError(f"--kind {kind}: expected one of {', '.join(KINDS)}")
+    if kind == "mlp+router" and model is None:
+        raise UsageError(
+            "--kind mlp+router needs --model STORE (the store the traces were "
+            "recorded from: the routers are copied from it)"
+        )
     if not 1 <= max_distance <= MAX_DISTANCE:
         raise UsageError(f"--distance {max_distance}: expected 1..{MAX_DISTANCE}")
     if not budgets or any(not 0 < b <= 1 for b in budgets):
@@ -525,6 +550,7 @@ def train_predictor(
             f"{traces[0]}: the model has 1 MoE layer; predictors guess later layers"
         )
     A = min(max_distance, trace.meta["num_layers"] - 1)
+    routers = load_routers(model, trace, A) if model is not None else None
     tr_mask, te_mask = split_by_prompt(trace, holdout, seed)
     train, test = subset(trace, tr_mask), subset(trace, te_mask)
     # a validation share of the training prompts for the MLP's early stopping
@@ -533,17 +559,22 @@ def train_predictor(
         f_mask, v_mask = split_by_prompt(train, 0.1, seed + 1)
         fit, valid = subset(train, f_mask), subset(train, v_mask)
     markov = fit_markov(train, A)
-    mlp = fit_mlp(
+    fitted: dict[str, Predictor] = {"markov": markov}
+    fitted["mlp"] = fit_mlp(
         fit, valid, max_distance=A, hidden=hidden, epochs=epochs, seed=seed,
         progress=progress,
     )  # fmt: skip
+    if routers is not None:
+        fitted["mlp+router"] = fit_mlp(
+            fit, valid, max_distance=A, hidden=hidden, epochs=epochs, seed=seed,
+            routers=routers, progress=progress,
+        )  # fmt: skip
     K, E = trace.meta["top_k"], trace.meta["num_experts"]
     scores: dict[str, np.ndarray] = {}
     router = router_scores(test, A)
     if router is not None:
         scores["router"] = router
     scores["frequency"] = frequency_scores(train, test, A)
-    fitted: dict[str, Predictor] = {"markov": markov, "mlp": mlp}
     for name, p in fitted.items():
         scores[name] = p.predict_trace(test)
     ks = [K] + ([2 * K] if 2 * K < E else [])
@@ -551,7 +582,7 @@ def train_predictor(
     if kind == "best":
         kind = max(fitted, key=lambda n: quality[n][K]["recall"][0])
     chosen = fitted[kind]
-    sim = {n: scores[n] for n in ("router", "markov", "mlp") if n in scores}
+    sim = {n: scores[n] for n in ("router", *fitted) if n in scores}
     rates = hit_rates(test.experts, E, budgets, sim)
     chosen.meta["training"] |= {
         "traces": [str(t) for t in traces],
@@ -580,6 +611,38 @@ def train_predictor(
     return report
 
 
+def load_routers(
+    model: str | os.PathLike, trace: Trace, A: int
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """Every layer's router f32 ``[L, E, D]`` and norm weight ``[L, D]`` from
+    the store ``model``, and its RMS-norm eps; :class:`UsageError` unless the
+    traces come from this store and recorded A distances of router lookahead."""
+    from mer_cli.formats.store import Store
+
+    store = Store.open(model)
+    if store.store_id.hex() != trace.meta["store_id"]:
+        raise UsageError(
+            f"--model {model}: is store {store.store_id.hex()}, but the traces "
+            f"were recorded from store {trace.meta['store_id']}; give the store "
+            "they were recorded from"
+        )
+    depth = lookahead_depth(trace.meta)
+    if depth < A:
+        raise UsageError(
+            f"the traces record router lookahead for {depth} layer(s) ahead, "
+            f"--model needs {A}: record them with mer trace --lookahead {A} "
+            f"(or use --distance {depth})" if depth else
+            "the traces record no router lookahead, which --model needs: record "
+            f"them with mer trace --lookahead {A}"
+        )  # fmt: skip
+    L = store.model.num_layers
+    R = np.stack([store.tensor_f32(f"layers.{j}.router") for j in range(L)])
+    W = np.stack(
+        [store.tensor_f32(f"layers.{j}.ffn_norm").reshape(-1) for j in range(L)]
+    )
+    return R, W, float(store.model.rms_norm_eps)
+
+
 def format_report(r: Report) -> str:
     """The two tables (quality per predictor and distance; hit rates)."""
     K = r.top_k
@@ -602,9 +665,12 @@ def format_report(r: Report) -> str:
             lines.append(row)
     lines += ["", f"(top-k = {K}; the saved predictor is {r.chosen}: {r.output})", ""]
     cols = [c for c in r.hit_rates[0] if c not in ("budget", "slots")]
-    lines.append(f"{'budget':>7} {'slots':>5} " + " ".join(f"{c:>15}" for c in cols))
+    w = {c: max(8, len(c)) for c in cols}
+    lines.append(
+        f"{'budget':>7} {'slots':>5} " + " ".join(f"{c:>{w[c]}}" for c in cols)
+    )
     for row in r.hit_rates:
-        cells = " ".join(f"{100 * row[c]:>14.1f}%" for c in cols)
+        cells = " ".join(f"{100 * row[c]:>{w[c] - 1}.1f}%" for c in cols)
         lines.append(f"{100 * row['budget']:>6.0f}% {row['slots']:>5} {cells}")
     best = f"policy+{r.chosen}"
     lines.append("")

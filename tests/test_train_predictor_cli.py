@@ -123,3 +123,42 @@ def test_interrupt_leaves_old_predictor(trace_file, tmp_path, monkeypatch):
     assert r.exit_code == 130 and "Interrupted" in r.output
     assert out.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["p.npz"]
+
+
+def test_model_adds_router_input_mlp(tmp_path):
+    """--model: the MLP that also takes the router lookahead; its routers are
+    the store's, and live scoring from hidden states matches the report's."""
+    from conftest import make_hf_checkpoint
+
+    from mer_cli.quantize import quantize
+    from mer_cli.trace import trace
+
+    ck = make_hf_checkpoint(tmp_path / "ck", "mixtral", layers=3)
+    store = quantize(ck, tmp_path / "s.mer", experts="f32", dense="f32", progress=False)
+    prompts = [f"the cat {i} sat" for i in range(6)]
+    t = trace(store, prompts, tmp_path / "t.npz", max_tokens=4, progress=False)
+    out = tmp_path / "p.npz"
+    r = run(str(t.path), "-o", str(out), "-q", "--json", "--model", str(store),
+            "--kind", "mlp+router", "--epochs", "3")  # fmt: skip
+    assert r.exit_code == 0, r.output
+    rep = json.loads(r.output)
+    assert set(rep["quality"]) == {"router", "frequency", "markov", "mlp", "mlp+router"}
+    assert "policy+mlp+router" in rep["hit_rates"][0]
+    p = load_predictor(out, store)
+    assert p.router_inputs and p.arrays["routers"].shape == (3, 4, 64)
+    from mer_cli.formats.store import Store
+
+    want = Store.open(store).tensor_f32("layers.2.router")
+    np.testing.assert_array_equal(p.arrays["routers"][2], want)
+    # errors: no --model for mlp+router; another store; a trace without lookahead
+    r = run(str(t.path), "-o", str(out), "--kind", "mlp+router")
+    assert r.exit_code == 2 and "--kind mlp+router needs --model STORE" in r.output
+    other = make_hf_checkpoint(tmp_path / "ck2", "mixtral", layers=3, seed=4)
+    other = quantize(other, tmp_path / "o.mer", experts="f32", dense="f32",
+                     progress=False)  # fmt: skip
+    r = run(str(t.path), "-o", str(out), "--model", str(other))
+    assert r.exit_code == 2 and "but the traces were recorded from store" in r.output
+    bare = trace(store, prompts, tmp_path / "b.npz", max_tokens=2, lookahead=0,
+                 progress=False)  # fmt: skip
+    r = run(str(bare.path), "-o", str(out), "--model", str(store))
+    assert r.exit_code == 2 and "record no router lookahead" in r.output

@@ -48,10 +48,17 @@ def _budgets(ctx: click.Context, param: click.Parameter, value: str) -> list[flo
 )
 @click.option(
     "--kind",
-    type=click.Choice(["best", "markov", "mlp"]),
+    type=click.Choice(["best", "markov", "mlp", "mlp+router"]),
     default="best",
     show_default=True,
-    help="Predictor to save; best = higher held-out recall one layer ahead.",
+    help="Predictor to save; best = highest held-out recall one layer ahead.",
+)
+@click.option(
+    "--model",
+    "model",
+    metavar="STORE",
+    help="The store the traces were recorded from: also fit mlp+router, an MLP "
+    "that takes the router lookahead too (routers copied from STORE).",
 )
 @click.option(
     "--distance",
@@ -86,6 +93,7 @@ def command(
     output: str,
     holdout: float,
     kind: str,
+    model: str | None,
     distance: int,
     hidden: int,
     epochs: int,
@@ -102,7 +110,8 @@ def command(
     predictor over expert sets (backed off to first order and per-layer
     frequency, with the previous token's experts at the same layer) and a
     small MLP (hidden-state sketch and current experts to the experts of the
-    next --distance layers) are fitted. On the held-out prompts every
+    next --distance layers) are fitted; with --model, a second MLP that also
+    takes the router lookahead (mlp+router). On the held-out prompts every
     predictor -- and the router lookahead the trace recorded, the
     training-free baseline -- is scored by recall@k and precision@k per
     lookahead distance, and the expert requests are replayed through LRU, the
@@ -115,6 +124,7 @@ def command(
     Examples:
       mer train-predictor run.trace.npz -o run.pred.npz
       mer train-predictor a.npz b.npz -o p.npz --holdout 0.25 --plot p.png
+      mer train-predictor run.trace.npz -o run.pred.npz --model m.mer
     """
     from mer_cli.train_predictor import format_report, train_predictor
 
@@ -128,6 +138,7 @@ def command(
         epochs=epochs,
         budgets=budgets,
         seed=seed,
+        model=model,
         plot=plot_path,
         progress=not quiet,
     )
