@@ -379,7 +379,9 @@ def speculative_greedy(
     engine : Engine
     drafter : PromptLookup or DraftModel
     prompt_ids : the prompt's token ids (non-empty).
-    draft_tokens : k, the most drafts verified per pass.
+    draft_tokens : k, the most drafts verified per pass. The number asked for
+        adapts: one fewer after a pass with a rejected draft (down to 1), two
+        more after a pass that accepted all (up to ``draft_tokens``).
     max_tokens : tokens the consumer will take at most.
     stats : updated in place.
 
@@ -393,13 +395,14 @@ def speculative_greedy(
     context = [int(t) for t in prompt_ids]
     token = int(np.argmax(engine.prefill(context)))
     n = 0
+    limit = draft_tokens  # drafts asked for, adapted to the acceptance
     while True:
         context.append(token)
         n += 1
         yield token
         if engine.pos >= engine.ctx:
             return
-        k = min(draft_tokens, engine.ctx - engine.pos - 1, max_tokens - n - 1)
+        k = min(limit, engine.ctx - engine.pos - 1, max_tokens - n - 1)
         drafts: list[int] = []
         if k > 0:
             t0 = time.perf_counter()
@@ -422,6 +425,13 @@ def speculative_greedy(
         stats.drafted += len(drafts)
         stats.accepted += a
         stats.tokens += a + 1
+        # every drafted token costs its experts' reads in the pass: ask for
+        # fewer after a miss, more after a full hit (Hugging Face's assisted
+        # generation does the same)
+        if a == len(drafts):
+            limit = min(draft_tokens, limit + 2)
+        else:
+            limit = max(1, limit - 1)
         for d in drafts[:a]:
             context.append(d)
             n += 1

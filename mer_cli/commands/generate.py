@@ -67,7 +67,8 @@ import click
     default=5,
     show_default=True,
     metavar="K",
-    help="Most drafted tokens checked per forward pass (1-31).",
+    help="Most drafted tokens checked per forward pass (1-31); fewer are "
+    "drafted after a miss.",
 )
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per prompt.")
 @click.option(
