@@ -219,8 +219,8 @@ class DraftModel:
         while keep < n and self._fed[keep] == context[keep]:
             keep += 1
         k = min(k, eng.ctx - len(context) + 1)
-        if k < 1 or len(context) < 1:
-            return []
+        if k < 1 or max(context[keep:]) >= eng.cfg.vocab_size:
+            return []  # no room, or a token the draft has no embedding for
         eng.truncate(keep)
         logits = eng.prefill(context[keep:])
         self._fed = list(context)

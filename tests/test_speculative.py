@@ -121,6 +121,11 @@ def stores(tmp_path_factory) -> dict[str, Path]:
     )
     ck = make_hf_checkpoint(d / "dr", "mixtral", seed=9, layers=1, hidden_size=32)
     out["draft"] = quantize(ck, d / "draft.mer", experts="q4", progress=False)
+    # same tokenizer (261 tokens), a vocabulary without the target's padding ids
+    ck = make_hf_checkpoint(d / "dv", "mixtral", seed=9, layers=1, vocab_size=264)
+    out["draft_264"] = quantize(ck, d / "draft_264.mer", progress=False)
+    ck = make_hf_checkpoint(d / "ds", "mixtral", seed=9, layers=1, vocab_size=200)
+    out["draft_200"] = quantize(ck, d / "draft_200.mer", progress=False)
     ck = make_hf_checkpoint(d / "ot", "mixtral", seed=9, layers=1)
     tj = json.loads((ck / "tokenizer.json").read_text())
     for t in tj["added_tokens"]:
@@ -247,6 +252,18 @@ def test_draft_store_equals_plain_greedy(stores):
     stats = compare_greedy(stores["mixtral"], PROMPTS, method="draft",
                            draft=stores["draft"], draft_tokens=4)  # fmt: skip
     assert all(s["verify_passes"] > 0 for s in stats)
+
+
+def test_draft_vocabulary_must_cover_the_tokenizer(stores):
+    """A draft whose vocabulary lacks the target's padding ids still drafts
+    (it stops drafting past such a token); one smaller than the tokenizer is
+    refused."""
+    compare_greedy(stores["mixtral"], PROMPTS[:2], method="draft",
+                   draft=stores["draft_264"], max_tokens=24)  # fmt: skip
+    with pytest.raises(UsageError, match="vocab_size is 200, fewer than"):
+        check_draft_compatible(
+            Store.open(stores["mixtral"]), Store.open(stores["draft_200"])
+        )
 
 
 def test_target_as_its_own_draft_accepts_everything(stores):
