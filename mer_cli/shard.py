@@ -3,20 +3,21 @@ directories (normally one per drive), crash-safely.
 
 Steps of :func:`shard` (``man mer-store(5)``, SHARDING, has the on-disk view):
 
-1. **Plan.** Every expert gets a target directory (``stripe``: round robin in
-   (layer, expert) order; ``balanced``: per layer, the most used experts of a
-   routing trace first, each onto the target with the least expected traffic,
-   so every drive serves the same expected bytes per token and the experts of
-   one layer spread over the drives). ``hot_copies`` of the most used experts
-   get a copy on every target; the reader takes the copy on the least busy
-   drive. Each target's extents go into one file, or several of at most
-   ``max_file_size`` bytes.
+1. **Plan** (:mod:`mer_cli.shard_plan`). Every expert gets a target directory
+   (``stripe``: round robin in (layer, expert) order; ``balanced``: the most
+   used experts of a routing trace first, each onto the target with the least
+   expected traffic in its layer plus overall, so every drive serves the same
+   expected bytes per token and one layer's experts spread over the drives).
+   ``hot_copies`` of the most used experts get a copy on every target; the
+   reader takes the copy on the least busy drive. Each target's extents go
+   into one file, or several of at most ``max_file_size`` bytes.
 2. **Check space** on every target filesystem (``os.statvfs``) before anything
    is written; refuse with the needed and available bytes of each.
 3. **Journal.** ``STORE/shard-journal.json`` records the new manifest, the
    files to write and the files to remove afterwards.
 4. **Copy.** Each new file is written under ``NAME.part``: header, then each
-   extent (its source checksum checked first), ``fsync``, then every extent
+   extent (its source checksum checked first), ``fsync``, its pages dropped
+   from the page cache, then every extent
    read back with O_DIRECT and checked against the manifest's CRC-32 (a bad one
    is copied again once), then renamed to ``NAME`` and the directory synced.
    Drives are written in parallel, one thread per target device.
@@ -25,15 +26,19 @@ Steps of :func:`shard` (``man mer-store(5)``, SHARDING, has the on-disk view):
 6. **Clean up.** Only then are the old expert files deleted, then the journal.
 
 Until step 5 the store reads through the old manifest and old files, which are
-untouched; from step 5 on through the new ones, all complete and verified. A
+untouched; from step 5 on through the new ones, all complete and verified. (A
+process that already has the store open keeps reading the old files it has
+open; one not yet opened when they are deleted fails with a message naming
+it: stop ``mer generate`` before sharding its store.) A
 run killed at any point is finished by running ``mer shard`` again with the same
 options: written ``.part`` files are checked and continued, renamed files are
 kept, and a switched manifest only needs its clean-up. With different options,
 an unfinished copy (before the switch) is discarded and the new plan starts.
 
-Shard files are named ``STORE_NAME.ID8-gG-IIIII.bin`` (ID8: the first 8 hex
-digits of the store id, G: the layout generation, IIIII: the file's index in
-the manifest) so several stores and successive layouts can share a target.
+Shard files are named ``STORE_NAME.ID8-gG-IIIII-of-NNNNN.bin`` (ID8: the
+first 8 hex digits of the store id, G: the layout generation, IIIII: the
+file's index in the manifest, NNNNN the last index) so several stores and
+successive layouts can share a target.
 The manifest records them by absolute path, or relative to the store when the
 file is inside the store directory.
 """
@@ -45,9 +50,8 @@ import fcntl
 import json
 import os
 import threading
-import warnings
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,12 +64,19 @@ from mer_cli.formats.store import (
     DATA_MAGIC,
     HEADER,
     MANIFEST,
-    MINOR_VERSION,
     VERSION,
     Store,
     check_manifest,
 )
 from mer_cli.io.reader import device_of
+from mer_cli.shard_plan import (
+    ShardFile,
+    assign,
+    build_manifest,
+    files_of,
+    plan_files,
+    trace_counts,
+)
 from mer_cli.units import format_size
 
 JOURNAL = "shard-journal.json"
@@ -136,191 +147,6 @@ class ShardResult:
         from dataclasses import asdict
 
         return asdict(self)
-
-
-# ====================================================================== plan
-
-
-def trace_counts(trace_path: str | os.PathLike, store: Store):
-    """Selections per expert in a routing trace, and the number of tokens.
-
-    Returns
-    -------
-    counts : list of int [L * E], index ``layer * E + expert``.
-    tokens : int, the trace's N.
-    digest : int, CRC-32 of the trace's experts array (identifies the trace).
-    """
-    import numpy as np
-
-    from mer_cli.formats.trace import Trace
-
-    t = Trace.load(trace_path)
-    L, E = store.model.num_layers, store.model.num_experts
-    tl, te = t.meta["num_layers"], t.meta["num_experts"]
-    if (tl, te) != (L, E):
-        raise FormatError(
-            f"{trace_path}: trace has {tl} layers x {te} experts, the store "
-            f"{store.path} has {L} x {E}; record a trace of this model with "
-            "mer trace"
-        )
-    if t.meta.get("store_id") != store.store_id.hex():
-        warnings.warn(
-            f"{trace_path}: recorded on store {t.meta.get('store_id')}, not "
-            f"{store.store_id.hex()} ({store.path}); using its frequencies anyway "
-            "(same model shape)",
-            stacklevel=2,
-        )
-    ex = t.experts.astype(np.int64)  # [N, L, K]
-    keys = ex + (np.arange(L, dtype=np.int64) * E)[None, :, None]
-    counts = np.bincount(keys.reshape(-1), minlength=L * E)
-    digest = zlib.crc32(np.ascontiguousarray(t.experts).tobytes()) & 0xFFFFFFFF
-    return counts.tolist(), t.num_tokens, digest
-
-
-def assign(
-    counts: Sequence[float] | None,
-    L: int,
-    E: int,
-    T: int,
-    policy: str,
-    hot_copies: int = 0,
-) -> list[list[int]]:
-    """Targets holding each expert, the primary copy's target first.
-
-    Parameters
-    ----------
-    counts : uses of each expert (index ``layer * E + expert``) in a trace;
-        needed by ``balanced`` and ``hot_copies``.
-    L, E, T : layers, experts per layer, targets.
-    policy : ``stripe`` (round robin over (layer, expert)) or ``balanced``
-        (most used first, each onto the target with the least expected traffic
-        in its layer plus overall; unused experts onto the target with the
-        fewest extents).
-    hot_copies : the most used experts to copy onto every target.
-
-    Returns
-    -------
-    list of ``L * E`` lists of target indices.
-    """
-    n = L * E
-    hot: set[int] = set()
-    out: list[list[int]] = [[] for _ in range(n)]
-    if hot_copies and T > 1:
-        order = sorted(range(n), key=lambda k: (-counts[k], k))
-        for i, k in enumerate(k for k in order[:hot_copies] if counts[k] > 0):
-            hot.add(k)  # primaries round robin: a reader that ignores the
-            out[k] = [(i + j) % T for j in range(T)]  # copies uses every drive
-    if policy == "stripe":
-        i = 0
-        for k in range(n):
-            if k not in hot:
-                out[k] = [i % T]
-                i += 1
-        return out
-    # greedy, most used first, onto the drive with the least traffic in this
-    # layer plus overall: overall the drives serve equal expected bytes per
-    # token (within about 1% on skewed traces), and per layer the top-k reads
-    # spread over the drives nearly as well as balancing each layer alone
-    total = [0.0] * T
-    extents = [0] * T
-    layer_load = [[0.0] * T for _ in range(L)]
-    for k in hot:
-        for t in range(T):
-            total[t] += counts[k] / T
-            layer_load[k // E][t] += counts[k] / T
-            extents[t] += 1
-    for k in sorted(range(n), key=lambda k: (-counts[k], k)):
-        if k in hot or counts[k] <= 0:
-            continue
-        ll = layer_load[k // E]
-        t = min(range(T), key=lambda t: (ll[t] + total[t], extents[t], t))
-        out[k] = [t]
-        ll[t] += counts[k]
-        total[t] += counts[k]
-        extents[t] += 1
-    for k in range(n):  # never used in the trace: where there are fewest extents
-        if not out[k]:
-            t = min(range(T), key=lambda t: (extents[t], t))
-            out[k] = [t]
-            extents[t] += 1
-    return out
-
-
-@dataclass
-class _NewFile:
-    index: int  # position in the new manifest's files
-    target: int
-    path: Path  # final absolute path
-    keys: list[int]  # expert keys in file order (extent j at PAGE + j * ext)
-
-
-def _plan_files(
-    placement: list[list[int]],
-    targets: list[Path],
-    ext: int,
-    max_file_size: int | None,
-    first_index: int,
-    stem: str,
-) -> list[_NewFile]:
-    per_target: list[list[int]] = [[] for _ in targets]
-    for k, ts in enumerate(placement):
-        for t in ts:
-            per_target[t].append(k)
-    cap = (max_file_size - PAGE) // ext if max_file_size else None
-    files: list[_NewFile] = []
-    for t, keys in enumerate(per_target):
-        step = cap or max(1, len(keys))
-        for i in range(0, len(keys), step):
-            files.append(_NewFile(0, t, Path(), keys[i : i + step]))
-    last = first_index + len(files) - 1
-    for j, f in enumerate(files):
-        f.index = first_index + j
-        f.path = targets[f.target] / f"{stem}-{f.index:05d}-of-{last:05d}.bin"
-    return files
-
-
-def _manifest_path(store_dir: Path, p: Path) -> str:
-    """How the manifest names ``p``: relative inside the store, else absolute."""
-    try:
-        return str(p.relative_to(store_dir))
-    except ValueError:
-        return str(p)
-
-
-def _new_manifest(
-    store: Store,
-    files: list[_NewFile],
-    kept: int,
-    ext: int,
-    layout: dict[str, Any],
-) -> dict[str, Any]:
-    m = json.loads(json.dumps(store.manifest))  # a deep copy
-    store_dir = store.path.resolve()
-    m["minor_version"] = max(int(m.get("minor_version", 0)), MINOR_VERSION)
-    m["files"] = m["files"][:kept] + [
-        {
-            "path": _manifest_path(store_dir, f.path),
-            "role": "experts",
-            "nbytes": PAGE + len(f.keys) * ext,
-        }
-        for f in files
-    ]
-    copies: dict[int, list[dict[str, int]]] = {}
-    for f in files:
-        for j, k in enumerate(f.keys):
-            copies.setdefault(k, []).append({"file": f.index, "offset": PAGE + j * ext})
-    E = store.model.num_experts
-    experts = []
-    for e in m["experts"]:
-        cs = copies[e["layer"] * E + e["expert"]]
-        e = dict(e, file=cs[0]["file"], offset=cs[0]["offset"])
-        e.pop("replicas", None)
-        if len(cs) > 1:
-            e["replicas"] = cs[1:]
-        experts.append(e)
-    m["experts"] = experts
-    m["layout"] = layout
-    return m
 
 
 # ================================================================== helpers
@@ -413,7 +239,7 @@ class _Copier:
             )
         return buf
 
-    def copy_file(self, new: _NewFile) -> None:
+    def copy_file(self, new: ShardFile) -> None:
         """Make ``new`` exist at its final path, complete and verified."""
         final, keys = new.path, new.keys
         part = final.with_name(final.name + ".part")
@@ -552,12 +378,15 @@ def _targets(options: ShardOptions) -> list[Path]:
 
 
 def _params(options: ShardOptions, targets: list[Path], digest) -> dict[str, Any]:
+    """What decides the layout (a finished run with equal ones is not redone).
+    The trace counts only where it places experts (not for plain stripe)."""
+    guided = options.policy == "balanced" or options.hot_copies > 0
     return {
         "targets": [str(t) for t in targets],
         "policy": options.policy,
         "max_file_size": options.max_file_size,
         "hot_copies": options.hot_copies,
-        "trace_crc32": digest,
+        "trace_crc32": digest if guided else None,
     }
 
 
@@ -566,7 +395,7 @@ def _same_params(layout: dict[str, Any] | None, params: dict[str, Any]) -> bool:
 
 
 def _check_space(
-    files: list[_NewFile], targets: list[Path], ext: int, have: dict[Path, int]
+    files: list[ShardFile], targets: list[Path], ext: int, have: dict[Path, int]
 ) -> None:
     """Refuse (before any write) when a target filesystem lacks the room."""
     need: dict[Any, int] = {}
@@ -597,7 +426,7 @@ def _check_space(
         )
 
 
-def _existing_bytes(files: list[_NewFile], store_id: bytes) -> dict[Path, int]:
+def _existing_bytes(files: list[ShardFile], store_id: bytes) -> dict[Path, int]:
     """Bytes of each planned file already written by an interrupted run."""
     have = {}
     for f in files:
@@ -607,7 +436,7 @@ def _existing_bytes(files: list[_NewFile], store_id: bytes) -> dict[Path, int]:
     return have
 
 
-def _clear_leftovers(files: list[_NewFile], store: Store) -> None:
+def _clear_leftovers(files: list[ShardFile], store: Store) -> None:
     """Remove planned paths left by an abandoned run of this store; refuse to
     touch files that belong to something else."""
     ours = {p.resolve() for p in store.file_paths}
@@ -695,6 +524,11 @@ def shard(
     if not (store_dir / MANIFEST).is_file():
         Store.open(store_dir)  # raises the usual "not a store" message
     with _locked(store_dir):
+        for tmp in [
+            *store_dir.glob(f".{MANIFEST}.tmp-*"),
+            *store_dir.glob(f".{JOURNAL}.tmp-*"),
+        ]:
+            tmp.unlink(missing_ok=True)  # a run killed while writing one
         journal = _read_journal(store_dir)
         store = Store.open(store_dir)
         gen = int(store.manifest.get("layout", {}).get("generation", 0))
@@ -762,20 +596,23 @@ def shard(
                 journal = None
         if not resumed:
             stem = f"{store_dir.resolve().name}.{store.store_id.hex()[:8]}-g{gen + 1}"
-            planned = _plan_files(
+            planned = plan_files(
                 placement, targets, ext, options.max_file_size, kept, stem
             )
             layout = {
                 "generation": gen + 1,
                 **params,
-                "trace": str(Path(options.trace).resolve()) if options.trace else None,
+                "trace": (
+                    str(Path(options.trace).resolve())
+                    if params["trace_crc32"] is not None
+                    else None
+                ),
             }
-            new_manifest = _new_manifest(store, planned, kept, ext, layout)
-            _order_copies(new_manifest, placement, planned, E)
+            new_manifest = build_manifest(store, placement, planned, kept, layout)
             problems = check_manifest(store_dir, new_manifest)
             if problems:  # a bug in the plan: never write it
                 raise RuntimeError(f"mer shard planned a bad manifest: {problems[0]}")
-        files = _files_of(new_manifest, kept, targets, store_dir)
+        files = files_of(new_manifest, kept, targets, store_dir)
         have = _existing_bytes(files, store.store_id) if resumed else {}
         _check_space(files, targets, ext, have)
         if not resumed:
@@ -821,43 +658,7 @@ def shard(
         )
 
 
-def _files_of(
-    manifest: dict[str, Any], kept: int, targets: list[Path], store_dir: Path
-) -> list[_NewFile]:
-    """The new files a (planned or journaled) manifest names, with their keys."""
-    E = manifest["model"]["num_experts"]
-    keys: dict[int, list[tuple[int, int]]] = {}
-    for e in manifest["experts"]:
-        for c in [e, *e.get("replicas", [])]:
-            keys.setdefault(c["file"], []).append(
-                (c["offset"], e["layer"] * E + e["expert"])
-            )
-    out = []
-    for i in range(kept, len(manifest["files"])):
-        p = Path(manifest["files"][i]["path"])
-        p = p if p.is_absolute() else store_dir.resolve() / p
-        t = targets.index(p.parent) if p.parent in targets else 0
-        out.append(_NewFile(i, t, p, [k for _, k in sorted(keys.get(i, []))]))
-    return out
-
-
-def _order_copies(
-    manifest: dict[str, Any], placement: list[list[int]], files: list[_NewFile], E: int
-) -> None:
-    """Primary copy = the one on the expert's first target in ``placement``."""
-    target_of = {f.index: f.target for f in files}
-    for e in manifest["experts"]:
-        reps = e.get("replicas")
-        if not reps:
-            continue
-        want = placement[e["layer"] * E + e["expert"]][0]
-        cs = [{"file": e["file"], "offset": e["offset"]}, *reps]
-        cs.sort(key=lambda c: target_of[c["file"]] != want)
-        e["file"], e["offset"] = cs[0]["file"], cs[0]["offset"]
-        e["replicas"] = cs[1:]
-
-
-def _copy_all(store: Store, files: list[_NewFile], progress: bool) -> int:
+def _copy_all(store: Store, files: list[ShardFile], progress: bool) -> int:
     """Copy every new file, one thread per target device; returns bytes copied."""
     from tqdm import tqdm
 
@@ -878,11 +679,11 @@ def _copy_all(store: Store, files: list[_NewFile], progress: bool) -> int:
                 bar.update(n)
 
         copier = _Copier(store, tick)
-        groups: dict[Any, list[_NewFile]] = {}
+        groups: dict[Any, list[ShardFile]] = {}
         for f in files:
             groups.setdefault(device_of(f.path.parent), []).append(f)
 
-        def run(group: list[_NewFile]) -> None:
+        def run(group: list[ShardFile]) -> None:
             for f in group:
                 if copier.stop.is_set():
                     return

@@ -161,6 +161,11 @@ def test_second_run_does_nothing_and_another_policy_moves_again(base, store, tmp
     first = files_under(*dirs)
     again = shard(store, ShardOptions(tuple(map(str, dirs[:2]))))
     assert again.unchanged and again.copied_bytes == 0
+    # a trace does not change where stripe puts experts: still nothing to do,
+    # and the trace's expected split is reported
+    again = shard(store, ShardOptions(tuple(map(str, dirs[:2])), trace=str(tr)))
+    assert again.unchanged
+    assert abs(sum(t.expected_share for t in again.targets) - 1) < 1e-9
     assert files_under(*dirs) == first
     res = shard(store, ShardOptions(tuple(map(str, dirs[1:])), "balanced", str(tr)))
     assert res.generation == 2 and sorted(res.removed) == first
@@ -539,3 +544,11 @@ def test_usage_errors_from_the_library(base, store, tmp_path):
         shard(store, ShardOptions((str(dirs[0]),), trace=str(base[2]), hot_copies=1))
     with pytest.raises(UsageError, match="expected one of"):
         shard(store, ShardOptions((str(dirs[0]),), policy="random"))
+
+
+def test_a_second_shard_of_the_same_store_is_refused_while_one_runs(store, tmp_path):
+    dirs = targets(tmp_path)
+    with shard_mod._locked(store):
+        with pytest.raises(ResourceError, match="another mer shard is running"):
+            shard(store, ShardOptions(tuple(map(str, dirs))))
+    assert files_under(*dirs) == []
