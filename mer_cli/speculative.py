@@ -46,10 +46,12 @@ from typing import Any, Protocol
 import numpy as np
 
 from mer_cli.errors import FormatError, UsageError
+from mer_cli.kernels import ROW_INVARIANT_ROWS
 
 METHODS = ("lookup", "draft")
-DEFAULT_DRAFT_TOKENS = 5
-MAX_DRAFT_TOKENS = 31  # k + 1 rows stay within the kernels' row-invariant range
+# the k + 1 rows of a verification pass stay within the rows that the kernels
+# compute bit-identically to one-token steps
+MAX_DRAFT_TOKENS = ROW_INVARIANT_ROWS - 1
 LOOKUP_MAX_NGRAM = 3
 
 
@@ -180,6 +182,7 @@ class DraftModel:
         self.engine = engine
         self.vocab_limit = vocab_limit
         self._fed: list[int] = []  # the tokens in the draft's KV cache
+        self._known = 0  # len(context) at the last call: that prefix is unchanged
 
     @classmethod
     def open(
@@ -209,15 +212,20 @@ class DraftModel:
     def reset(self) -> None:
         self.engine.reset()
         self._fed = []
+        self._known = 0
 
     def propose(self, context: Sequence[int], k: int) -> list[int]:
         eng = self.engine
         # keep the longest prefix of what the cache holds that is still the
-        # text; at least the context's last token is fed again (its logits)
-        keep = 0
+        # text; at least the context's last token is fed again (its logits).
+        # The text only grows: what it was at the last call still matches.
         n = min(len(self._fed), len(context) - 1)
+        keep = min(self._known, n)
+        if keep and self._fed[keep - 1] != context[keep - 1]:
+            keep = 0  # another text
         while keep < n and self._fed[keep] == context[keep]:
             keep += 1
+        self._known = len(context)
         k = min(k, eng.ctx - len(context) + 1)
         if k < 1 or max(context[keep:]) >= eng.cfg.vocab_size:
             return []  # no room, or a token the draft has no embedding for
