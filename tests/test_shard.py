@@ -552,3 +552,33 @@ def test_a_second_shard_of_the_same_store_is_refused_while_one_runs(store, tmp_p
         with pytest.raises(ResourceError, match="another mer shard is running"):
             shard(store, ShardOptions(tuple(map(str, dirs))))
     assert files_under(*dirs) == []
+
+
+def test_replicas_are_checked_by_open_and_verify(base, store, tmp_path):
+    _, _, tr = base
+    dirs = targets(tmp_path)
+    shard(store, ShardOptions(tuple(map(str, dirs)), "balanced", str(tr), hot_copies=2))
+    s = Store.open(store)
+    i, ent = next((i, e) for i, e in enumerate(s.experts) if e.replicas)
+    (f, off), (rf, roff) = ent.copies
+    # a flipped byte in the copy (not the primary) is found by verify
+    with open(s.file_paths[rf], "r+b") as fh:
+        fh.seek(roff + 5)
+        b = fh.read(1)
+        fh.seek(roff + 5)
+        fh.write(bytes([b[0] ^ 1]))
+    (problem,) = Store.open(store).verify()
+    assert str(s.file_paths[rf]) in problem and f"offset {roff}" in problem
+    # a replica that is no copy at all is refused when the store is opened
+    m = json.loads((store / MANIFEST).read_text())
+    for bad, text in [
+        ({"file": f, "offset": off}, "already holds a copy"),
+        ({"file": rf, "offset": roff + 100}, "expected a multiple of 4096"),
+        ({"file": 99, "offset": PAGE}, "expected 0.."),
+    ]:
+        m["experts"][i]["replicas"] = [bad]
+        (store / MANIFEST).write_text(json.dumps(m))
+        with pytest.raises(FormatError, match=f"experts\\[{i}\\].replicas\\[0\\]"):
+            Store.open(store)
+        with pytest.raises(FormatError, match=text):
+            Store.open(store)
