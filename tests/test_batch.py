@@ -16,9 +16,11 @@ import pytest
 from click.testing import CliRunner
 from conftest import make_hf_checkpoint
 
+from mer_cli import kernels as K
 from mer_cli.batch import BatchGeneration, decode_step_batch, kv_bytes_per_position
 from mer_cli.cli import cli
 from mer_cli.errors import ResourceError, UsageError
+from mer_cli.formats import quant
 from mer_cli.generate import Completion, GenerateOptions, load
 from mer_cli.models.layers import KVCache
 from mer_cli.quantize import quantize
@@ -224,6 +226,25 @@ def test_step_rows_bit_identical_to_single_steps(stores, arch):
             assert 0 < fetches <= eng.cfg.num_layers * eng.cfg.num_experts
     finally:
         eng.close()
+
+
+@pytest.mark.parametrize("path", K.supported_paths())
+@pytest.mark.parametrize("dtype", ["q4", "q8"])
+def test_quantized_rows_identical_at_mixtral_width(dtype, path):
+    """Row t of a q4/q8 product over up to ROW_INVARIANT_ROWS rows equals the
+    one-row product at a width whose column blocks once depended on the row
+    count (14336 = Mixtral's expert ffn; the tiny models above have 1 block)."""
+    rng = np.random.default_rng(3)
+    C = 14336
+    w = rng.standard_normal((12, C)).astype(np.float32)
+    p, sc = quant.quantize_q4(w) if dtype == "q4" else quant.quantize_q8(w)
+    W = quant.QTensor(dtype, p, sc)
+    x = rng.standard_normal((K.ROW_INVARIANT_ROWS, C)).astype(np.float32)
+    alone = np.concatenate(
+        [K.linear(W, x[i : i + 1], path=path) for i in range(len(x))]
+    )
+    for T in (2, 4, 7, 9, 16, K.ROW_INVARIANT_ROWS):
+        assert np.array_equal(K.linear(W, x[:T], path=path), alone[:T]), T
 
 
 def test_shared_reads_cut_bytes_per_token(stores):
