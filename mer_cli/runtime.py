@@ -84,7 +84,6 @@ class Timing:
     prefill_s: float = 0.0
     decode_tokens: int = 0
     decode_s: float = 0.0
-    verify_passes: int = 0  # speculative verification passes (in decode_*)
     layer_moe_s: list[float] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, float]:
@@ -281,7 +280,6 @@ class Engine:
         logits = self.forward(ids, all_logits=True)
         self.timing.decode_tokens += ids.size
         self.timing.decode_s += time.perf_counter() - t0
-        self.timing.verify_passes += 1
         return logits
 
     def truncate(self, pos: int) -> None:
