@@ -10,7 +10,8 @@ runs one per thread.
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
+from numba import njit, types
+from numba.extending import overload
 
 from mer_cli.kernels.config import JIT
 
@@ -20,17 +21,27 @@ _127 = np.float32(127.0)
 _half = np.float32(0.5)
 
 
-@njit(**JIT)
-def _load_f32(raw, r, bits, buf):
-    return raw[r]
+def _load(raw, r, bits, buf):
+    """Row ``r`` of ``raw`` as float32 (only called from numba code)."""
+    raise NotImplementedError
 
 
-@njit(**JIT)
-def _load_bf16(raw, r, bits, buf):
-    # bf16 bits are the high half of an f32; buf is bits viewed as float32
-    for j in range(raw.shape[1]):
-        bits[j] = np.uint32(raw[r, j]) << np.uint32(16)
-    return buf
+# Chosen by raw's dtype at compile time. A jitted loader passed as an argument
+# instead defeats numba's cache: each process's dispatcher is a new type, so
+# every run recompiled and appended an entry, until the index itself failed to
+# load ("underlying object has vanished").
+@overload(_load)
+def _load_impl(raw, r, bits, buf):
+    if raw.dtype == types.uint16:
+
+        def load_bf16(raw, r, bits, buf):
+            # bf16 bits are the high half of an f32; buf is bits viewed as f32
+            for j in range(raw.shape[1]):
+                bits[j] = np.uint32(raw[r, j]) << np.uint32(16)
+            return buf
+
+        return load_bf16
+    return lambda raw, r, bits, buf: raw[r]
 
 
 @njit(**JIT)
@@ -42,10 +53,10 @@ def _first_bad(x):
 
 
 @njit(**JIT)
-def _q4_rows(raw, packed, d_out, bits, buf, load):
+def _q4_rows(raw, packed, d_out, bits, buf):
     n, C = raw.shape
     for r in range(n):
-        x = load(raw, r, bits, buf)
+        x = _load(raw, r, bits, buf)
         bad = _first_bad(x)
         if bad >= 0:
             return r, bad
@@ -68,10 +79,10 @@ def _q4_rows(raw, packed, d_out, bits, buf, load):
 
 
 @njit(**JIT)
-def _q8_rows(raw, q_out, d_out, bits, buf, load):
+def _q8_rows(raw, q_out, d_out, bits, buf):
     n, C = raw.shape
     for r in range(n):
-        x = load(raw, r, bits, buf)
+        x = _load(raw, r, bits, buf)
         bad = _first_bad(x)
         if bad >= 0:
             return r, bad
@@ -111,7 +122,6 @@ def quantize_rows(
     bits = np.empty(raw.shape[1], np.uint32)
     d = np.zeros(scales.shape, np.float32)
     fn = _q4_rows if dtype == "q4" else _q8_rows
-    load = _load_bf16 if raw.dtype == np.uint16 else _load_f32
-    r, c = fn(raw, packed, d, bits, bits.view(np.float32), load)
+    r, c = fn(raw, packed, d, bits, bits.view(np.float32))
     scales[:] = d.astype(np.float16)  # round-to-nearest-even, as F16C
     return None if r < 0 else (int(r), int(c))
