@@ -52,6 +52,7 @@ from mer_cli.generate import (
     GenerateResult,
     _StopMatcher,
 )
+from mer_cli.memory import available_memory
 from mer_cli.models.layers import (
     ContextFullError,
     KVCache,
@@ -306,6 +307,17 @@ class BatchGeneration:
                 "--kv-budget, or lower --max-tokens or --ctx"
             )
         self.kv_budget = int(kv_budget)
+        # the expert slots and dense weights are allocated by now: what is left
+        # must hold the caches of the sequences that can be in flight at once
+        kv_max = min(self.kv_budget, batch * one)
+        avail = available_memory()
+        if kv_max > avail:
+            raise ResourceError(
+                f"the KV caches of up to {batch} sequences need "
+                f"{format_size(kv_max)} but {format_size(avail)} of memory is left "
+                "beside the expert cache and the dense weights; lower --kv-budget, "
+                "--batch, --max-tokens or --ram-budget"
+            )
         self._started: dict[int, _Sequence] = {}  # joined, not yet yielded
         src = engine.source.stats()
         self.stats = BatchStats(

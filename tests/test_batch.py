@@ -283,6 +283,14 @@ def test_kv_budget_bounds_sequences_in_flight(stores, stop_options, references):
         batch_run(stores["mixtral"], "resident", stop_options, 4, CTX * per - 1)
 
 
+def test_kv_caches_must_fit_in_memory(stores, monkeypatch):
+    import mer_cli.batch
+
+    monkeypatch.setattr(mer_cli.batch, "available_memory", lambda: 1000)
+    with pytest.raises(ResourceError, match="KV caches of up to 4 sequences need"):
+        batch_run(stores["mixtral"], "resident", GenerateOptions(), 4)
+
+
 def test_batch_size_out_of_range(stores):
     eng, tok = load(stores["mixtral"], ctx=CTX)
     try:
