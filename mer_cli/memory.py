@@ -59,8 +59,21 @@ def _cgroup_free() -> int | None:
             continue
         # v1 reports "no limit" as a huge number
         if limit is not None and usage is not None and limit < 1 << 60:
+            # usage counts page cache; inactive file pages are reclaimed first
+            usage -= _stat_field(
+                d / "memory.stat", ("total_inactive_file", "inactive_file")
+            )
             return max(limit - usage, 0)
     return None
+
+
+def _stat_field(p: Path, names: tuple[str, ...]) -> int:
+    """The first of ``names`` found in a cgroup ``memory.stat`` file, else 0."""
+    try:
+        fields = dict(line.split() for line in p.read_text().splitlines())
+    except (OSError, ValueError):
+        return 0
+    return next((int(fields[n]) for n in names if n in fields), 0)
 
 
 def available_memory() -> int:
