@@ -346,6 +346,17 @@ def test_cli_batch_json_equals_single(stores, prompts_file):
     assert "read from the drive" in err and "KV caches" in err and "(streamed)" in err
 
 
+def test_cli_batch_text_in_input_order(stores, tmp_path):
+    lines = tmp_path / "p.txt"
+    lines.write_text("".join(p + "\n" for p in PROMPTS[:4]))
+    common = ["generate", "--model", str(stores["mixtral"]), "--prompts-file",
+              str(lines), "--max-tokens", "5"]  # fmt: skip
+    single, batched = mer(*common), mer(*common, "--batch", "4")
+    assert single.exit_code == 0 and batched.exit_code == 0, batched.output
+    assert batched.stdout == single.stdout
+    assert batched.stdout.count("\n") >= 4
+
+
 @pytest.mark.parametrize(
     "extra, message",
     [
