@@ -39,7 +39,8 @@ layer are not known yet, so rows after the first get no temporal signal
 (during decode, T = 1, every row has it). :meth:`Predictor.predict_trace`
 scores a whole trace token by token (decode order) with the same code.
 
-File format (``mer-predictor`` version 1): an uncompressed ``.npz`` whose
+File format (``mer-predictor`` version 1, ``man/mer-predictor.5``): an
+uncompressed ``.npz`` whose
 ``meta.json`` member (uint8, UTF-8 JSON) holds ``format``, ``version``,
 ``kind``, the model's ``store_id``, ``arch``, ``num_layers``, ``num_experts``,
 ``top_k``, ``hidden_size``, ``sketch_dim``, ``sketch_seed``,

@@ -38,7 +38,7 @@ def _budgets(ctx: click.Context, param: click.Parameter, value: str) -> list[flo
     required=True,
     type=click.Path(dir_okay=False),
     metavar="PRED",
-    help="Predictor file to write (.npz).",
+    help="Predictor file to write (.npz, see mer-predictor(5)).",
 )
 @click.option(
     "--holdout",
@@ -117,7 +117,7 @@ def command(
     lookahead distance, and the expert requests are replayed through LRU, the
     three-signal cache policy (without and with each predictor) and Belady's
     MIN at each of --budgets. The predictor chosen by --kind is written to
-    PRED (a versioned .npz, see mer_cli/predictors.py); use it with
+    PRED (a versioned .npz, see mer-predictor(5)); use it with
     mer generate --predictor PRED.
 
     \b
