@@ -25,12 +25,14 @@ time it is expected to cost. Nothing is left for the user to tune:
   used when their layer came (``used / issued``), compared with the ``p`` they
   were issued at: ``r = (1 + sum used) / (1 + sum p)`` scales ``p`` down when
   reads land too late or are cancelled;
-* **benefit vs cost**: a used prefetch saves one extent read ``t`` of stall; a
-  wasted one costs ``t`` of drive time, of which the share ``s`` during which
-  the compute waits for demand reads (measured per layer, moving average)
-  delays demand. Issue when ``p t > (1 - p) s t``, i.e. ``p > s / (1 + s)``:
-  a drive idle during compute makes reads nearly free, a compute thread that
-  is stalling makes only likely ones pay;
+* **benefit vs cost**: a used prefetch saves what a demand miss costs, ``g``
+  = the measured stall per demand miss (small when reads overlap compute); a
+  wasted one takes ``t`` = one extent's read time from the drive, and delays
+  demand reads in proportion to how busy the drive is, ``u`` = its measured
+  busy share (moving averages per layer). Issue when ``p g > (1 - p) u t``,
+  i.e. ``p > u t / (g + u t)``: an idle drive makes reads nearly free, a busy
+  one with stalling compute makes only likely ones pay (``p > 1/2`` when
+  every miss stalls a full read and the drive is never idle);
 * **spare bandwidth**: at most ``rate * gap / extent`` prefetches in flight
   (at least one), where ``rate`` is the measured read rate and ``gap`` the
   compute time between two layers' demand waits: what the drive can read
@@ -75,12 +77,17 @@ class PrefetchThrottle:
     ----------
     num_layers
         Layers of the model (lookahead distances wrap around a token).
+    extent_nbytes
+        Bytes of one expert read.
     window
         Outcomes remembered per signal.
     """
 
-    def __init__(self, num_layers: int, window: int = WINDOW) -> None:
+    def __init__(
+        self, num_layers: int, extent_nbytes: int, window: int = WINDOW
+    ) -> None:
         self.L = num_layers
+        self.extent_nbytes = extent_nbytes
         self.window = window
         # shadow outcomes (score, used) per (hint kind, distance); issued
         # outcomes (p, used)
@@ -88,9 +95,12 @@ class PrefetchThrottle:
         self._issued: deque[tuple[float, float]] = deque(maxlen=window)
         # candidates awaiting their layer: layer -> (kind, distance) -> scores
         self._pending: dict[int, dict[tuple[str, int], dict[int, float]]] = {}
-        self._stall = 0.0  # moving averages per layer: stall, wall, compute gap
+        # moving averages per layer: stall, wall, compute gap, drive busy, misses
+        self._stall = 0.0
         self._wall = 0.0
         self._gap: float | None = None
+        self._busy = 0.0
+        self._misses = 0.0
         self._rate: float | None = None  # bytes/s while reading
         self._refused = 0  # refusals since the last issue or probe
         self._probe_interval = PROBE_EVERY
@@ -101,13 +111,23 @@ class PrefetchThrottle:
 
     # ------------------------------------------------------------ measurements
 
-    def interval(self, wall_s: float, stall_s: float, rate: float | None) -> None:
+    def interval(
+        self,
+        wall_s: float,
+        stall_s: float,
+        rate: float | None,
+        busy_s: float = 0.0,
+        misses: int = 0,
+    ) -> None:
         """One layer's interval since the previous fetch: wall time, the part
-        stalled on reads, and the reader's bytes/s while busy (None: unknown)."""
+        stalled on reads, the reader's bytes/s while busy (None: unknown), the
+        time the drive had reads in flight, and the demand misses."""
         if wall_s <= 0:
             return
         self._wall += EMA * (wall_s - self._wall)
         self._stall += EMA * (min(stall_s, wall_s) - self._stall)
+        self._busy += EMA * (min(busy_s, wall_s) - self._busy)
+        self._misses += EMA * (misses - self._misses)
         gap = max(wall_s - stall_s, 0.0)
         self._gap = gap if self._gap is None else self._gap + EMA * (gap - self._gap)
         if rate:
@@ -119,10 +139,31 @@ class PrefetchThrottle:
         return self._stall / self._wall if self._wall > 0 else 0.0
 
     @property
+    def read_seconds(self) -> float | None:
+        """``t``: one extent's read time at the measured rate (None: unknown)."""
+        return self.extent_nbytes / self._rate if self._rate else None
+
+    @property
+    def busy_share(self) -> float:
+        """``u``: moving-average share of time the drive had reads in flight."""
+        return min(self._busy / self._wall, 1.0) if self._wall > 0 else 0.0
+
+    @property
+    def stall_per_miss(self) -> float | None:
+        """``g``: moving-average stall per demand miss, seconds (None: no miss)."""
+        return self._stall / self._misses if self._misses > 1e-9 else None
+
+    @property
     def threshold(self) -> float:
-        """Least probability of use at which a prefetch pays: ``s / (1 + s)``."""
-        s = self.stall_share
-        return s / (1.0 + s)
+        """Least probability of use at which a prefetch pays, ``u t / (g + u t)``
+        (0 until measured; ``g = t`` until a miss was seen)."""
+        t = self.read_seconds
+        if t is None:
+            return 0.0
+        g = self.stall_per_miss
+        g = t if g is None else g
+        cost = self.busy_share * t
+        return cost / (g + cost) if g + cost > 0 else 0.0
 
     def calibration(self, distance: int, kind: str = "hint") -> float:
         """``(1 + used) / (1 + sum of scores)`` of the shadow window of hints of
@@ -249,6 +290,9 @@ class PrefetchThrottle:
             "candidates_checked": self.shadow_total,
             "threshold": r4(self.threshold),
             "stall_share": r4(self.stall_share),
+            "stall_per_miss_s": r4(self.stall_per_miss),
+            "drive_busy_share": r4(self.busy_share),
+            "read_s_per_extent": r4(self.read_seconds),
             "realized_factor": r4(self.realized),
         }
 
@@ -318,8 +362,5 @@ def observe(
     the start of a sequence); its ``{target_layer: scores [E]}``."""
     if layer == 0 and start == 0:
         pred.reset()
-    return pred.observe(
-        layer,
-        np.asarray(ids[-1], np.int64),
-        np.ascontiguousarray(x[-1], dtype=np.float32),
-    )
+    # copies: the engine keeps using ids and x after the hint
+    return pred.observe(layer, np.array(ids[-1], np.int64), np.array(x[-1], np.float32))

@@ -125,10 +125,10 @@ class StreamedExperts:
         self._reqs: dict[int, ReadRequest] = {}  # slot -> read in flight into it
         # slots filled by prefetch, not yet resolved -> (probability, probe)
         self._prefetched: dict[int, tuple[float, bool]] = {}
-        self.throttle = PrefetchThrottle(self.L)
+        self.throttle = PrefetchThrottle(self.L, store.extent_nbytes)
         self.hints = "lookahead" if prefetch else "off"  # set by use_predictor
         self._t_fetch: float | None = None  # when the previous fetch began
-        self._stall_mark = 0.0  # stall_seconds then
+        self._marks = (0.0, 0.0, 0)  # stall, drive busy seconds, misses then
         self._landed: list[ReadRequest] = []  # finished reads a fetch waits for
         self.sequence: list[int] = []  # demanded keys, in order
         self.hits = self.misses = 0
@@ -247,15 +247,20 @@ class StreamedExperts:
 
     def _measure_interval(self) -> None:
         """Feed the throttle the time since the previous fetch, the part of it
-        stalled on reads, and the reader's rate."""
+        stalled on reads, the drive's busy time and rate, and the misses."""
         now = time.perf_counter()
+        r = self.reader.stats()
+        marks = (self.stall_seconds, r["read_seconds"], self.misses)
         if self._t_fetch is not None:
-            r = self.reader.stats()
             rate = r["bytes_read"] / r["read_seconds"] if r["read_seconds"] else None
             self.throttle.interval(
-                now - self._t_fetch, self.stall_seconds - self._stall_mark, rate
+                now - self._t_fetch,
+                marks[0] - self._marks[0],
+                rate,
+                busy_s=marks[1] - self._marks[1],
+                misses=marks[2] - self._marks[2],
             )
-        self._t_fetch, self._stall_mark = now, self.stall_seconds
+        self._t_fetch, self._marks = now, marks
 
     def _load_pinned(self, pinned: list[tuple[int, int]]) -> None:
         for la, e in pinned:

@@ -208,8 +208,9 @@ def test_demand_read_overtakes_queued_prefetches(store):
 # ------------------------------------------------------------------ the throttle
 
 
-def test_throttle_calibrates_and_breaks_even_on_stall_share():
-    th = PrefetchThrottle(num_layers=4, window=16)
+def test_throttle_calibrates_hints_and_breaks_even_on_measured_costs():
+    MB = 10**6
+    th = PrefetchThrottle(num_layers=4, extent_nbytes=MB, window=16)
     assert th.probability(0.8, 1) == pytest.approx(0.8)  # no data: trust scores
     for _ in range(20):  # scores of 0.8 that are right one time in four
         th.candidates(2, 1, {0: 0.8, 1: 0.8, 2: 0.8, 3: 0.8})
@@ -217,23 +218,39 @@ def test_throttle_calibrates_and_breaks_even_on_stall_share():
     c = (1 + 4) / (1 + 16 * 0.8)  # the last 16 outcomes, 4 of them used
     assert th.calibration(1) == pytest.approx(c)
     assert th.probability(0.8, 1) == pytest.approx(0.8 * c)
+    assert th.probability(0.8, 2) == pytest.approx(0.8)  # another distance
     assert th.hint_precision() == {"hint": pytest.approx(0.25)}
-    # the break-even probability follows the stall share: s / (1 + s)
-    assert th.threshold == 0.0
-    for _ in range(200):
-        th.interval(0.010, 0.006, rate=1e9)
-    assert th.stall_share == pytest.approx(0.6, abs=1e-6)
-    assert th.threshold == pytest.approx(0.6 / 1.6, abs=1e-6)
+    assert th.threshold == 0.0  # nothing measured: every candidate may go
+
+    def settle(**kw):
+        for _ in range(400):  # the moving averages converge
+            th.interval(**kw)
+
+    # every miss stalls a whole read (10 ms at 100 MB/s), the drive never idles
+    settle(wall_s=0.02, stall_s=0.01, rate=100 * MB, busy_s=0.02, misses=1)
+    assert th.read_seconds == pytest.approx(0.01)
+    assert th.stall_per_miss == pytest.approx(0.01, rel=1e-3)
+    assert th.busy_share == pytest.approx(1.0, rel=1e-3)
+    assert th.threshold == pytest.approx(0.5, rel=1e-3)
+    # the drive mostly idle: wasted reads are nearly free
+    settle(wall_s=0.02, stall_s=0.01, rate=100 * MB, busy_s=0.002, misses=1)
+    assert th.threshold == pytest.approx(0.001 / 0.011, rel=1e-2)
+    # reads hidden behind compute: a miss costs little, so does little good
+    settle(wall_s=0.02, stall_s=0.0005, rate=100 * MB, busy_s=0.01, misses=1)
+    assert th.threshold == pytest.approx(0.005 / 0.0055, rel=1e-2)
     # spare bandwidth: 1 GB/s x 4 ms of compute = 4 extents of 1 MB, cap 3
-    assert th.inflight_cap(10**6, depth=3) == 3
-    assert th.inflight_cap(2 * 10**6, depth=3) == 2
-    assert th.inflight_cap(10**7, depth=3) == 1  # never below one
+    th = PrefetchThrottle(num_layers=4, extent_nbytes=MB)
+    assert th.inflight_cap(MB, depth=3) == 3  # unmeasured: the depth
+    th.interval(0.010, 0.006, rate=1000 * MB)
+    assert th.inflight_cap(MB, depth=3) == 3
+    assert th.inflight_cap(2 * MB, depth=3) == 2
+    assert th.inflight_cap(10 * MB, depth=3) == 1  # never below one
 
 
 def test_throttle_probes_when_off_and_backs_off():
-    th = PrefetchThrottle(num_layers=4)
-    for _ in range(100):
-        th.interval(0.01, 0.009, rate=1e9)  # stall share 0.9: threshold 0.47
+    th = PrefetchThrottle(num_layers=4, extent_nbytes=10**6)
+    for _ in range(400):  # misses stall a whole read, drive busy: threshold 0.5
+        th.interval(0.02, 0.01, rate=1e8, busy_s=0.02, misses=1)
     decisions = [th.decide(0.1, room=True) for _ in range(PROBE_EVERY)]
     assert decisions[:-1] == [None] * (PROBE_EVERY - 1)
     assert decisions[-1] == "probe"

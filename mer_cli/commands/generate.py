@@ -548,14 +548,20 @@ def _print_io(s: dict, io: dict) -> None:
     th = src.get("prefetch_throttle")
     if th and src.get("prefetch_hints") != "off":
         used = ", ".join(f"{k} {pct(v)}" for k, v in th["hints_used"].items())
+        g = th["stall_per_miss_s"]
+
+        def ms(v) -> str:
+            return "-" if v is None else f"{1000 * v:.1f} ms"
+
         click.echo(
             f"prefetch ({src.get('prefetch_hints', '?')}): throttle {th['state']}, "
             f"{th['issued']} issued ({th['probes']} probes), skipped "
             f"{th['skipped_benefit']} (benefit below cost) and "
             f"{th['skipped_bandwidth']} (no spare bandwidth); live precision "
             f"{pct(th['live_precision'])}; hinted experts used: {used or '-'} "
-            f"({th['candidates_checked']} checked); stall share "
-            f"{pct(th['stall_share'])} "
-            f"-> issue above p = {th['threshold']:.2f}",
+            f"({th['candidates_checked']} checked); a miss stalls {ms(g)}, a read "
+            f"takes {ms(th['read_s_per_extent'])} with the drive busy "
+            f"{pct(th['drive_busy_share'])} -> reads only above p = "
+            f"{th['threshold']:.2f}",
             err=True,
         )
