@@ -38,10 +38,11 @@ time it is expected to cost. Nothing is left for the user to tune:
   compute time between two layers' demand waits: what the drive can read
   before the next demand comes;
 * **off and probing**: when precision collapses no candidate passes and
-  prefetch is off; the shadow calibration keeps measuring for free, and after
-  ``probe_every`` consecutive refusals the best candidate is read anyway (a
-  probe; the interval doubles after each wasted probe, up to 64x) so ``r`` is
-  measured again.
+  prefetch is off; the shadow calibration keeps measuring for free, and once
+  ``PROBE_EVERY`` demand reads have gone by since the last probe, a refused
+  candidate is read anyway (a probe, so ``r`` is measured again): at most one
+  extra read per 32 demand reads, the interval doubling after each wasted
+  probe (up to 16x) and back to 32 after a used one.
 
 Demand reads win regardless: the reader (:mod:`mer_cli.io.reader`) starts no
 prefetch chunk while a demand chunk is queued, a prefetch the compute needs is
@@ -58,8 +59,9 @@ import numpy as np
 
 WINDOW = 32  # outcomes remembered per signal
 PRIOR = 1.0  # pseudo-outcome (score 1, used) behind each ratio
-PROBE_EVERY = 8  # refusals in a row before a probe
-PROBE_MAX = 64  # the probe interval grows to at most PROBE_EVERY * this
+PROBE_EVERY = 32  # demand reads between probes: they add at most 1/32 to reads
+PROBE_MAX = 16  # the probe interval grows to at most PROBE_EVERY * this
+OFF_AFTER = 8  # refusals in a row after which the throttle reports "off"
 EMA = 0.05  # weight of one layer in the stall share and compute gap averages
 MAX_DISTANCE = 3  # lookahead distances calibrated separately (further: pooled)
 HINTS_PER_LAYER = 8  # most candidates taken from a predictor per target layer
@@ -102,7 +104,8 @@ class PrefetchThrottle:
         self._busy = 0.0
         self._misses = 0.0
         self._rate: float | None = None  # bytes/s while reading
-        self._refused = 0  # refusals since the last issue or probe
+        self._refused = 0  # refusals in a row
+        self._since_probe = 0  # demand reads since the last probe (answer)
         self._probe_interval = PROBE_EVERY
         self._probe_pending = 0  # probes issued, not yet resolved
         self.issued = self.probes = 0
@@ -128,6 +131,7 @@ class PrefetchThrottle:
         self._stall += EMA * (min(stall_s, wall_s) - self._stall)
         self._busy += EMA * (min(busy_s, wall_s) - self._busy)
         self._misses += EMA * (misses - self._misses)
+        self._since_probe += misses
         gap = max(wall_s - stall_s, 0.0)
         self._gap = gap if self._gap is None else self._gap + EMA * (gap - self._gap)
         if rate:
@@ -233,7 +237,7 @@ class PrefetchThrottle:
         self._issued.append((p, 1.0 if used else 0.0))
         if probe:  # the next probe comes an interval after this answer
             self._probe_pending = max(0, self._probe_pending - 1)
-            self._refused = 0
+            self._since_probe = 0
             if used:
                 self._probe_interval = PROBE_EVERY
             else:
@@ -254,7 +258,7 @@ class PrefetchThrottle:
                 return None
             return "issue"
         self._refused += 1
-        if self._refused >= self._probe_interval and not self._probe_pending:
+        if self._since_probe >= self._probe_interval and not self._probe_pending:
             return "probe"
         self.skipped_benefit += 1
         return None
@@ -262,8 +266,8 @@ class PrefetchThrottle:
     def started(self, how: str) -> None:
         """A read decided by :meth:`decide` was started."""
         self.issued += 1
+        self._since_probe = 0  # issued reads measure precision: no probe needed
         if how == "probe":
-            self._refused = 0
             self._probe_pending += 1
             self.probes += 1
 
@@ -271,7 +275,7 @@ class PrefetchThrottle:
     def state(self) -> str:
         """``"on"`` while recent candidates pass, ``"off"`` after a run of
         refusals (only probes are read then)."""
-        return "off" if self._refused >= PROBE_EVERY or self._probe_pending else "on"
+        return "off" if self._refused >= OFF_AFTER or self._probe_pending else "on"
 
     def stats(self) -> dict[str, Any]:
         """Counters for ``--stats``/``--json``."""

@@ -249,24 +249,33 @@ def test_throttle_calibrates_hints_and_breaks_even_on_measured_costs():
 
 def test_throttle_probes_when_off_and_backs_off():
     th = PrefetchThrottle(num_layers=4, extent_nbytes=10**6)
-    for _ in range(400):  # misses stall a whole read, drive busy: threshold 0.5
-        th.interval(0.02, 0.01, rate=1e8, busy_s=0.02, misses=1)
-    decisions = [th.decide(0.1, room=True) for _ in range(PROBE_EVERY)]
-    assert decisions[:-1] == [None] * (PROBE_EVERY - 1)
-    assert decisions[-1] == "probe"
+
+    def layers(n):  # misses stall a whole read, drive busy: threshold 0.5
+        for _ in range(n):
+            th.interval(0.02, 0.01, rate=1e8, busy_s=0.02, misses=1)
+
+    layers(400)
+    assert th.threshold == pytest.approx(0.5, rel=1e-3)
+    assert th.decide(0.1, room=True) == "probe"  # 400 demand reads, no probe yet
     th.started("probe")
     assert th.state == "off" and th.probes == th.issued == 1
-    # no second probe while one is unresolved
-    assert [th.decide(0.1, True) for _ in range(3 * PROBE_EVERY)] == [None] * (
-        3 * PROBE_EVERY
-    )
-    th.outcome(0.1, used=False, probe=True)  # wasted: the interval doubles
-    got = [th.decide(0.1, True) for _ in range(2 * PROBE_EVERY)]
-    assert got.index("probe") == 2 * PROBE_EVERY - 1
+    layers(100)
+    assert th.decide(0.1, True) is None  # one probe at a time
+    th.outcome(0.1, used=False, probe=True)  # wasted: the next after 2 x 32 reads
+    layers(2 * PROBE_EVERY - 1)
+    assert th.decide(0.1, True) is None
+    layers(1)
+    assert th.decide(0.1, True) == "probe"
     th.started("probe")
-    th.outcome(0.1, used=True, probe=True)  # used: back to the base interval
+    th.outcome(0.1, used=True, probe=True)  # used: back to 32
+    layers(PROBE_EVERY - 1)
+    assert th.decide(0.1, True) is None
+    layers(1)
+    assert th.decide(0.1, True) == "probe"
+    assert th.skipped_benefit == 3 and th.probes == 2
     assert th.decide(0.9, True) == "issue" and th.state == "on"
-    assert th.decide(0.5, room=False) is None and th.skipped_bandwidth == 1
+    th.started("issue")
+    assert th.decide(0.9, room=False) is None and th.skipped_bandwidth == 1
 
 
 # ------------------------------------------------------------------ CLI
