@@ -214,11 +214,12 @@ def command(
     on this layer's hidden state); with --predictor PRED the predictor's scores
     for the next 1-3 layers, which also feed the cache's eviction. A throttle
     calibrates the scores by how often hinted experts were really used and
-    issues a read only when that probability pays for the demand time a wasted
-    read costs (the share of time spent stalled on reads), with no more in
-    flight than the drive reads during one layer's compute; when precision
-    collapses prefetch turns itself off and only probes now and then. Demand
-    reads always go first. --stats shows what the throttle did.
+    issues a read only when probability x the measured stall of a demand miss
+    exceeds the drive time a wasted read takes from demand reads (its read
+    time x how busy the drive is), with no more in flight than the drive reads
+    during one layer's compute; when precision collapses prefetch turns itself
+    off and only probes now and then. Demand reads always go first. --stats
+    shows what the throttle did.
 
     --batch N decodes up to N prompts of --prompts-file together: each step runs
     one token of every prompt in flight, fetches the union of the experts they
