@@ -235,13 +235,13 @@ class StreamedExperts:
 
     def _resolve_layer(self, layer: int, keys: set[int]) -> None:
         """``layer`` is computed now with ``keys``: its prefetched experts not
-        asked for were wasted (those still loading are cancelled; loaded ones
-        stay cached as ordinary entries)."""
+        asked for were wasted (reads not yet started are cancelled; what
+        lands stays cached as an ordinary entry)."""
         self._cancel_stale(layer, keys)
         lo, hi = layer * self.E, (layer + 1) * self.E
         for slot in list(self._prefetched):
             key = int(self.cache.key[slot])
-            if lo <= key < hi and key not in keys and slot not in self._reqs:
+            if lo <= key < hi and key not in keys:
                 self.pf_wasted += 1
                 self._pf_resolve(slot, False)
 
