@@ -155,22 +155,24 @@ def test_float_linear_rows_are_bit_identical_to_single_rows(dtype):
             assert np.array_equal(full[t], K.linear(w, x[t : t + 1])[0])
 
 
+@pytest.mark.parametrize("rows", [7, 32])  # 32: the most a pass may verify
 @pytest.mark.parametrize("name", ["mixtral", "qwen_f32"])
-def test_verify_logits_equal_decode_steps_bit_for_bit(stores, name):
+def test_verify_logits_equal_decode_steps_bit_for_bit(stores, name, rows):
     eng, _ = load(stores[name], ctx=64)
     try:
-        ids = np.random.default_rng(1).integers(0, 256, 16).tolist()
+        ids = np.random.default_rng(1).integers(0, 256, 9 + rows).tolist()
+        end = len(ids)
         eng.prefill(ids[:9])
         steps = [eng.decode_step(t) for t in ids[9:]]
-        assert eng.pos == 16
+        assert eng.pos == end
         eng.truncate(9)
         assert eng.pos == 9
-        rows = eng.verify(ids[9:])
-        assert rows.shape == (7, eng.cfg.vocab_size) and eng.pos == 16
-        for a, b in zip(steps, rows):
+        got = eng.verify(ids[9:])
+        assert got.shape == (rows, eng.cfg.vocab_size) and eng.pos == end
+        for a, b in zip(steps, got):
             assert np.array_equal(a, b)
         with pytest.raises(ValueError, match="truncate"):
-            eng.truncate(17)
+            eng.truncate(end + 1)
     finally:
         eng.close()
 
