@@ -653,7 +653,7 @@ def report_prefetch(results: list[dict], extent_nbytes: int) -> None:
     head = (
         f"{'config':18} {'round':>5} {'tok/s':>7} {'vs off':>6} {'GB/tok':>7} "
         f"{'hit':>5} {'issued':>6} {'probes':>6} {'skip b':>6} {'skip bw':>7} "
-        f"{'precis':>6} {'used':>14} {'state':>5}"
+        f"{'precis':>6} {'used':>14} {'state':>5} {'hints run':>9}"
     )
     print(head)
     print("-" * len(head))
@@ -673,6 +673,10 @@ def report_prefetch(results: list[dict], extent_nbytes: int) -> None:
             f"{k[:4]} {100 * v:.0f}%" for k, v in (th.get("hints_used") or {}).items()
         )
         on = src.get("prefetch_hints") != "off"
+        gate = (th.get("hint_gates") or {}).get(src.get("prefetch_hints"), {})
+        n_run = gate.get("hints_computed", 0)
+        n_all = n_run + gate.get("hints_skipped", 0)
+        run = f"{100 * n_run / n_all:.0f}%" if n_all else "-"
         print(
             f"{r['config']:18} {r['round'] + 1:>5} {fmt(tps, '.3f'):>7} "
             f"{fmt(ratio, '.2f'):>6} {fmt(gb_tok, '.3f'):>7} "
@@ -681,7 +685,7 @@ def report_prefetch(results: list[dict], extent_nbytes: int) -> None:
             f"{th.get('skipped_benefit', 0) if on else '-':>6} "
             f"{th.get('skipped_bandwidth', 0) if on else '-':>7} "
             f"{fmt(th.get('live_precision') and 100 * th['live_precision'], '.0f', '%'):>6} "
-            f"{used or '-':>14} {th.get('state', '-') if on else '-':>5}"
+            f"{used or '-':>14} {th.get('state', '-') if on else '-':>5} {run:>9}"
         )  # fmt: skip
     spread = [r.get("decode_tok_s") for r in off.values() if r.get("decode_tok_s")]
     if len(spread) > 1:
@@ -696,7 +700,9 @@ def report_prefetch(results: list[dict], extent_nbytes: int) -> None:
         "issued: prefetch reads (probes: of them, reads while the throttle was "
         "off); skip b / skip bw: candidates refused, benefit below cost / no "
         "spare bandwidth; precis: issued prefetches used; used: hinted experts "
-        "used, per hint kind (prefill hints are router lookahead)"
+        "used, per hint kind (prefill hints are router lookahead); hints run: "
+        "decode hints computed (the rest skipped while computing them did not "
+        "pay for itself)"
     )
 
 

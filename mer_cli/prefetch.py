@@ -51,6 +51,7 @@ promoted to demand, and stale ones are cancelled (:mod:`mer_cli.streaming`).
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -65,6 +66,104 @@ OFF_AFTER = 8  # refusals in a row after which the throttle reports "off"
 EMA = 0.05  # weight of one layer in the stall share and compute gap averages
 MAX_DISTANCE = 3  # lookahead distances calibrated separately (further: pooled)
 HINTS_PER_LAYER = 8  # most candidates taken from a predictor per target layer
+
+
+class _Window:
+    """The last ``n`` pairs ``(a, b)`` with running sums (O(1) per update)."""
+
+    __slots__ = ("pairs", "a", "b")
+
+    def __init__(self, n: int) -> None:
+        self.pairs: deque[tuple[float, float]] = deque(maxlen=n)
+        self.a = self.b = 0.0
+
+    def add(self, a: float, b: float) -> None:
+        if len(self.pairs) == self.pairs.maxlen:
+            oa, ob = self.pairs[0]
+            self.a -= oa
+            self.b -= ob
+        self.pairs.append((a, b))
+        self.a += a
+        self.b += b
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+
+class _Gate:
+    """Whether computing one kind of decode hint pays for its compute time.
+
+    Open while the stall its used prefetches saved (moving average per hint,
+    about four tokens, judged from the second token on) is at least what
+    computing the hints (and acting on them) cost. Closed, hints are computed
+    only in probe windows of ``2 L`` hints: the first after ``16 L`` skipped
+    ones, the gap doubling (up to ``256 L``) after each window whose savings
+    did not cover its cost; a window that paid opens the gate again. The
+    windows cost at most 1/8 of the hints' compute, falling to under 1%.
+    """
+
+    def __init__(self, num_layers: int) -> None:
+        self.L = num_layers
+        self.cost = self.saved = 0.0  # moving averages per hint, seconds
+        self.pending = 0.0  # stall saved since the last computed hint
+        self.n = 0  # hints computed
+        self.open = True
+        self.stale = False  # hints were skipped: a predictor's state is old
+        self.skip = 0  # hints to skip before the next probe window
+        self.gap = 16 * num_layers
+        self.window = 0  # hints left in the current probe window
+        self.win_cost = self.win_saved = 0.0
+        self.skipped = self.closed = 0
+
+    def wanted(self) -> bool:
+        """Compute this hint? (Counts a skipped one.)"""
+        if self.open or self.window:
+            return True
+        if self.skip > 0:
+            self.skip -= 1
+            self.skipped += 1
+            self.stale = True
+            return False
+        self.window, self.win_cost, self.win_saved = 2 * self.L, 0.0, 0.0
+        return True
+
+    def credit(self, seconds: float) -> None:
+        """A prefetch of this kind was used: it saved about ``seconds`` of stall."""
+        self.pending += seconds
+
+    def computed(self, seconds: float) -> None:
+        """A hint was computed in ``seconds`` (hint plus acting on it)."""
+        saved, self.pending = self.pending, 0.0
+        self.n += 1
+        if self.open:
+            a = 1.0 / (4 * self.L)
+            self.cost += a * (seconds - self.cost)
+            self.saved += a * (saved - self.saved)
+            if self.n >= 2 * self.L and self.saved < self.cost:
+                self.open, self.skip = False, self.gap
+                self.closed += 1
+            return
+        self.win_cost += seconds
+        self.win_saved += saved
+        self.window -= 1
+        if self.window == 0:
+            if self.win_saved >= self.win_cost:  # paid: open, averages reseeded
+                self.open, self.gap = True, 16 * self.L
+                self.cost = self.win_cost / (2 * self.L)
+                self.saved = self.win_saved / (2 * self.L)
+            else:
+                self.gap = min(2 * self.gap, 256 * self.L)
+                self.skip = self.gap
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "open": self.open,
+            "hints_computed": self.n,
+            "hints_skipped": self.skipped,
+            "closed": self.closed,
+            "hint_ms": round(1000 * self.cost, 4),
+            "saved_ms": round(1000 * self.saved, 4),
+        }
 
 
 class PrefetchThrottle:
@@ -93,8 +192,10 @@ class PrefetchThrottle:
         self.window = window
         # shadow outcomes (score, used) per (hint kind, distance); issued
         # outcomes (p, used)
-        self._shadow: dict[tuple[str, int], deque[tuple[float, float]]] = {}
-        self._issued: deque[tuple[float, float]] = deque(maxlen=window)
+        self._shadow: dict[tuple[str, int], _Window] = {}
+        self._issued = _Window(window)
+        self._gates: dict[str, _Gate] = {}
+        self._hint_time: dict[str, float] = {}  # acting on hints, per kind
         # candidates awaiting their layer: layer -> (kind, distance) -> scores
         self._pending: dict[int, dict[tuple[str, int], dict[int, float]]] = {}
         # moving averages per layer: stall, wall, compute gap, drive busy, misses
@@ -175,33 +276,51 @@ class PrefetchThrottle:
         w = self._shadow.get((kind, min(distance, MAX_DISTANCE)))
         if not w:
             return 1.0
-        return (PRIOR + sum(u for _, u in w)) / (PRIOR + sum(s for s, _ in w))
+        return (PRIOR + w.b) / (PRIOR + w.a)
 
     @property
     def realized(self) -> float:
         """``(1 + used) / (1 + sum of p)`` over the issued prefetches' window."""
         w = self._issued
-        return (PRIOR + sum(u for _, u in w)) / (PRIOR + sum(p for p, _ in w))
+        return (PRIOR + w.b) / (PRIOR + w.a)
 
     @property
     def live_precision(self) -> float | None:
         """Used / issued over the window of issued prefetches (None: none yet)."""
         w = self._issued
-        return sum(u for _, u in w) / len(w) if w else None
+        return w.b / len(w) if len(w) else None
 
     def hint_precision(self) -> dict[str, float]:
         """Share of candidates used, per hint kind, over its windows."""
         out: dict[str, list[float]] = {}
         for (kind, _), w in self._shadow.items():
             acc = out.setdefault(kind, [0.0, 0.0])
-            acc[0] += sum(u for _, u in w)
+            acc[0] += w.b
             acc[1] += len(w)
         return {k: u / n for k, (u, n) in out.items() if n}
 
+    def factor(self, distance: int, kind: str = "hint") -> float:
+        """What scores of ``kind`` at ``distance`` are multiplied by."""
+        return self.calibration(distance, kind) * min(self.realized, 1.0)
+
     def probability(self, score: float, distance: int, kind: str = "hint") -> float:
         """Calibrated probability that a candidate of ``score`` is used."""
-        c = self.calibration(distance, kind) * min(self.realized, 1.0)
-        return min(1.0, max(0.0, float(score)) * c)
+        return min(1.0, max(0.0, float(score)) * self.factor(distance, kind))
+
+    def gate(self, kind: str) -> _Gate:
+        """The compute-cost gate of decode hints of ``kind``."""
+        g = self._gates.get(kind)
+        if g is None:
+            g = self._gates[kind] = _Gate(self.L)
+        return g
+
+    def acted(self, kind: str, seconds: float) -> None:
+        """Time spent acting on a hint of ``kind`` (charged to its next one)."""
+        self._hint_time[kind] = self._hint_time.get(kind, 0.0) + seconds
+
+    def hint_computed(self, kind: str, seconds: float) -> None:
+        """A decode hint of ``kind`` took ``seconds`` to compute."""
+        self.gate(kind).computed(seconds + self._hint_time.pop(kind, 0.0))
 
     def inflight_cap(self, extent_nbytes: int, depth: int) -> int:
         """Prefetches allowed in flight: what the drive reads in one compute
@@ -225,16 +344,30 @@ class PrefetchThrottle:
         """``layer``'s experts ``used`` are asked for: resolve its candidates."""
         used_set = {int(e) for e in used}
         for key, cand in self._pending.pop(layer, {}).items():
-            w = self._shadow.setdefault(key, deque(maxlen=self.window))
+            w = self._shadow.get(key)
+            if w is None:
+                w = self._shadow[key] = _Window(self.window)
             for e, s in cand.items():
                 u = 1.0 if e in used_set else 0.0
-                w.append((min(max(s, 0.0), 1.0), u))
+                w.add(min(max(s, 0.0), 1.0), u)
                 self.shadow_used += int(u)
                 self.shadow_total += 1
 
-    def outcome(self, p: float, used: bool, probe: bool) -> None:
-        """An issued prefetch (issued at probability ``p``) was used or not."""
-        self._issued.append((p, 1.0 if used else 0.0))
+    def outcome(
+        self,
+        p: float,
+        used: bool,
+        probe: bool,
+        kind: str | None = None,
+        late: bool = False,
+    ) -> None:
+        """An issued prefetch (issued at probability ``p``) was used or not;
+        a used one of ``kind`` credits its gate with the stall it saved (half
+        of a miss's when it was still ``late``, being read)."""
+        self._issued.add(p, 1.0 if used else 0.0)
+        if used and kind is not None:
+            g = self.stall_per_miss or self.read_seconds or 0.0
+            self.gate(kind).credit(g / 2 if late else g)
         if probe:  # the next probe comes an interval after this answer
             self._probe_pending = max(0, self._probe_pending - 1)
             self._since_probe = 0
@@ -298,6 +431,7 @@ class PrefetchThrottle:
             "drive_busy_share": r4(self.busy_share),
             "read_s_per_extent": r4(self.read_seconds),
             "realized_factor": r4(self.realized),
+            "hint_gates": {k: g.stats() for k, g in self._gates.items()},
         }
 
 
@@ -320,43 +454,72 @@ def prefetch_hint(
     demand reads of ``layer`` are queued; None when there is nothing to hint.
 
     ``x`` ``[T, D]`` f32 is the residual entering ``layer``'s MoE block;
-    ``start`` the position of its first token (0: a new sequence).
+    ``start`` the position of its first token (0: a new sequence). Decode
+    hints (T = 1) go through the source throttle's compute gate of their kind:
+    skipped (None) while computing them does not pay.
     """
-    from mer_cli.models.layers import Lookahead, lookahead
+    from mer_cli.models.layers import lookahead
 
+    if not getattr(engine.source, "prefetch_enabled", True):
+        return None  # --no-prefetch: nothing is read ahead, nothing computed
     pred = getattr(engine, "predictor", None)
     L = engine.cfg.num_layers
     T = x.shape[0]
-    if pred is None or T > 1:
-        nxt = layer + 1 if layer + 1 < L else None
-        if pred is None and nxt is None:
-            return None
+    nxt = layer + 1 if layer + 1 < L else None
+    if T > 1:  # prefill: router lookahead over every token
 
-        def hint(ids: np.ndarray) -> list[Any]:
+        def prefill_hint(ids: np.ndarray) -> list[Any]:
             if pred is not None:
                 observe(engine, pred, layer, ids, x, start)
             if nxt is None:
                 return []
             return [lookahead(engine.arch, engine.layers[nxt], nxt, x)]
 
-        return hint
+        return prefill_hint if pred is not None or nxt is not None else None
 
-    def predicted(ids: np.ndarray) -> list[Any]:
-        out = observe(engine, pred, layer, ids, x, start)
-        hints = []
-        for target in sorted(out, key=lambda t: (t - layer) % L):
-            if target == layer or not 0 <= target < L:
-                continue
-            scores = np.asarray(out[target], np.float32).reshape(-1)
-            order = np.argsort(-scores, kind="stable")[:HINTS_PER_LAYER]
-            order = order[scores[order] > 0]
-            if len(order):
-                hints.append(
-                    Lookahead(target, order.tolist(), scores[order].tolist(), pred.kind)
-                )
+    kind = pred.kind if pred is not None else "lookahead"
+    if pred is None and nxt is None:
+        return None
+    th = getattr(engine.source, "throttle", None)
+    gate = th.gate(kind) if th is not None else None
+    if gate is not None and not gate.wanted():
+        return None
+
+    def decode_hint(ids: np.ndarray) -> list[Any]:
+        t0 = time.perf_counter()
+        if pred is None:
+            hints = [lookahead(engine.arch, engine.layers[nxt], nxt, x)]
+        else:
+            if gate is not None and gate.stale:  # steps were skipped
+                pred.reset()
+                gate.stale = False
+            hints = predicted(
+                pred, observe(engine, pred, layer, ids, x, start), layer, L
+            )
+        if th is not None:
+            th.hint_computed(kind, time.perf_counter() - t0)
         return hints
 
-    return predicted
+    return decode_hint
+
+
+def predicted(pred, out: dict[int, np.ndarray], layer: int, L: int) -> list[Any]:
+    """A predictor's ``{target_layer: scores [E]}`` as hints, nearest first,
+    each with its ``HINTS_PER_LAYER`` best experts of nonzero score."""
+    from mer_cli.models.layers import Lookahead
+
+    hints = []
+    for target in sorted(out, key=lambda t: (t - layer) % L):
+        if target == layer or not 0 <= target < L:
+            continue
+        scores = np.asarray(out[target], np.float32).reshape(-1)
+        order = np.argsort(-scores, kind="stable")[:HINTS_PER_LAYER]
+        order = order[scores[order] > 0]
+        if len(order):
+            hints.append(
+                Lookahead(target, order.tolist(), scores[order].tolist(), pred.kind)
+            )
+    return hints
 
 
 def observe(

@@ -123,8 +123,8 @@ class StreamedExperts:
         )
         self._done: queue.SimpleQueue[ReadRequest] = queue.SimpleQueue()
         self._reqs: dict[int, ReadRequest] = {}  # slot -> read in flight into it
-        # slots filled by prefetch, not yet resolved -> (probability, probe)
-        self._prefetched: dict[int, tuple[float, bool]] = {}
+        # slots filled by prefetch, not yet resolved -> (probability, probe, kind)
+        self._prefetched: dict[int, tuple[float, bool, str]] = {}
         self.throttle = PrefetchThrottle(self.L, store.extent_nbytes)
         self.hints = "lookahead" if prefetch else "off"  # set by use_predictor
         self._t_fetch: float | None = None  # when the previous fetch began
@@ -177,10 +177,10 @@ class StreamedExperts:
             self._pf_resolve(slot, False)
         self.cache.assign(slot, key, LOADING)
 
-    def _pf_resolve(self, slot: int, used: bool) -> None:
+    def _pf_resolve(self, slot: int, used: bool, late: bool = False) -> None:
         """The prefetch into ``slot`` was used, or will not be: tell the throttle."""
-        p, probe = self._prefetched.pop(slot)
-        self.throttle.outcome(p, used, probe)
+        p, probe, kind = self._prefetched.pop(slot)
+        self.throttle.outcome(p, used, probe, kind, late)
 
     def _complete(self, req: ReadRequest) -> None:
         """Apply a finished read to the slot table (compute thread only)."""
@@ -323,7 +323,7 @@ class StreamedExperts:
                 continue
             if s in self._prefetched:
                 self.pf_used += 1
-                self._pf_resolve(s, True)
+                self._pf_resolve(s, True, late=cache.state[s] != READY)
             cache.acquire(s)
             if cache.state[s] == READY:
                 self.hits += 1
@@ -419,6 +419,19 @@ class StreamedExperts:
         """
         if not 0 <= layer < self.L:
             return
+        t0 = time.perf_counter()
+        try:
+            self._prefetch(layer, experts, scores, kind)
+        finally:
+            self.throttle.acted(kind, time.perf_counter() - t0)
+
+    def _prefetch(
+        self,
+        layer: int,
+        experts: Sequence[int],
+        scores: Sequence[float] | None,
+        kind: str,
+    ) -> None:
         E, cache, th = self.E, self.cache, self.throttle
         ids = [int(e) for e in experts]
         if any(not 0 <= e < E for e in ids):
@@ -427,7 +440,8 @@ class StreamedExperts:
             )
         raw = [1.0] * len(ids) if scores is None else [float(x) for x in scores]
         dist = (layer - cache.layer) % self.L or self.L  # layers ahead
-        probs = [th.probability(x, dist, kind) for x in raw]
+        f = th.factor(dist, kind)
+        probs = [min(1.0, max(0.0, x) * f) for x in raw]
         if scores is not None:
             cache.set_predictions(layer, ids, probs)
         if not self.prefetch_enabled or self.slots < 2:
@@ -451,7 +465,7 @@ class StreamedExperts:
             if s is None:
                 break  # everything held is worth more than these candidates
             self._evict_into(s, key)
-            self._prefetched[s] = (p, how == "probe")
+            self._prefetched[s] = (p, how == "probe", kind)
             self._submit(s, key, PREFETCH)
             th.started(how)
             self.pf_issued += 1

@@ -41,10 +41,14 @@ def store(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def resident(store):
     """Text of the all-in-RAM run and the routing each forward pass made at
-    each layer for its last token, in order: ``[(layer, experts [K])]``."""
+    each layer for its last token: ``{(position, layer): experts [K]}``."""
     eng, tok = load(store, ctx=128)
-    seq: list[tuple[int, np.ndarray]] = []
-    eng.route_hook = lambda layer, x, ids, w: seq.append((layer, ids[-1].copy()))
+    seq: dict[tuple[int, int], np.ndarray] = {}
+
+    def hook(layer, x, ids, w):  # the cache grows after the pass: pos = start
+        seq[(eng.pos, layer)] = ids[-1].copy()
+
+    eng.route_hook = hook
     try:
         c = Completion(eng, tok, PROMPT, GenerateOptions(max_tokens=N_TOKENS))
         c.run()
@@ -56,26 +60,28 @@ def resident(store):
 
 class Oracle:
     """A fake predictor replaying the resident run's routing: ``right`` scores
-    the experts the next layer will use 1, else the ones it will not use 0.95."""
+    the experts the next layer will use 1, else the ones it will not use 0.95.
+    ``engine`` (set after loading) tells the position of the forward pass."""
 
     max_distance = 1
 
     def __init__(self, seq, right: bool) -> None:
         self.kind = "oracle" if right else "wrong"
-        self.seq, self.right, self.i = seq, right, 0
+        self.seq, self.right, self.engine = seq, right, None
+        self.calls = 0
 
     def reset(self) -> None:
-        pass  # one prompt: the position in the replay carries on
+        pass
 
     def observe(self, layer, experts, hidden):
-        want_layer, want = self.seq[self.i]
-        # the streamed run observes exactly the resident run's routing
-        assert want_layer == layer and sorted(want) == sorted(experts)
+        pos = self.engine.pos
+        # the streamed run routes exactly as the resident run did
+        assert sorted(self.seq[(pos, layer)]) == sorted(experts)
         assert hidden is not None and hidden.dtype == np.float32
-        self.i += 1
+        self.calls += 1
         if layer + 1 >= L:
             return {}
-        nxt = set(self.seq[self.i][1].tolist())
+        nxt = set(self.seq[(pos, layer + 1)].tolist())
         scores = np.zeros(E, np.float32)
         for e in range(E):
             if (e in nxt) == self.right:
@@ -85,15 +91,18 @@ class Oracle:
 
 @pytest.fixture
 def slow_reads(monkeypatch):
-    """Every read takes READ_DELAY more: the compute waits on the drive, as it
-    does on a model larger than memory (tmpfs/page-cache reads are free)."""
+    """Every read takes ``delay`` (default READ_DELAY) more: the compute waits on
+    the drive, as it does on a model larger than memory (tmpfs/page-cache
+    reads are free). Returns a setter for the delay."""
     real = ExtentReader._preadv
+    delay = [READ_DELAY]
 
     def slow(self, fd, buf, off):
-        time.sleep(READ_DELAY)
+        time.sleep(delay[0])
         return real(self, fd, buf, off)
 
     monkeypatch.setattr(ExtentReader, "_preadv", slow)
+    return lambda seconds: delay.__setitem__(0, seconds)
 
 
 def run(store, predictor=None, prefetch=True, slots=20, unthrottled=False, compute=0):
@@ -107,12 +116,15 @@ def run(store, predictor=None, prefetch=True, slots=20, unthrottled=False, compu
     eng, tok = load(store, ctx=128, source=make)
     try:
         use_predictor(eng, predictor)
+        if predictor is not None:
+            predictor.engine = eng
         if compute:
             eng.route_hook = lambda *a: time.sleep(compute)
         if unthrottled:  # the counterfactual: scores taken as they come, all read
             th = eng.source.throttle
-            th.probability = lambda score, distance, kind: score
+            th.factor = lambda distance, kind: 1.0
             th.decide = lambda p, room: "issue"
+            th.hint_computed = lambda kind, seconds: None  # the gate stays open
         c = Completion(eng, tok, PROMPT, GenerateOptions(max_tokens=N_TOKENS))
         done = threading.Event()
         t = threading.Thread(target=lambda: (c.run(), done.set()), daemon=True)
@@ -139,9 +151,13 @@ def test_wrong_predictor_is_turned_off(store, resident, slow_reads):
     # without the throttle every wrong hint is read: far more bytes
     assert free["prefetch_issued"] > 30
     assert free["bytes_read"] > off["bytes_read"] + 20 * ext
-    # with it, a few reads until the precision is measured, then probes only
-    assert th["skipped_benefit"] > 5 * th["issued"]
-    assert th["state"] == "off"
+    # with it, a few reads until the precision is measured, then none: the
+    # candidates fall below the break-even probability, and computing the
+    # hints stops (the gate closes: the predictor saved nothing for its time)
+    assert th["skipped_benefit"] > th["issued"] and th["state"] == "off"
+    gate = th["hint_gates"]["wrong"]
+    assert not gate["open"] and gate["closed"] >= 1 and gate["saved_ms"] == 0
+    assert gate["hints_skipped"] > gate["hints_computed"]
     assert th["hints_used"]["wrong"] == 0.0  # (prefill hints are lookahead)
     assert on["bytes_read"] <= off["bytes_read"] + (th["issued"] + 2) * ext
     assert on["bytes_read"] < free["bytes_read"]
@@ -152,12 +168,17 @@ def test_wrong_predictor_is_turned_off(store, resident, slow_reads):
 
 def test_right_predictor_stays_on_and_raises_the_hit_rate(store, resident, slow_reads):
     text, seq = resident
-    # layers computing for longer than a read: right prefetches land in time
-    t_off, off = run(store, prefetch=False, compute=3 * READ_DELAY)
-    t_on, on = run(store, Oracle(seq, right=True), compute=3 * READ_DELAY)
+    # reads of 5 ms (a miss costs far more than computing a hint), layers
+    # computing for longer than a read: right prefetches land in time
+    slow_reads(0.005)
+    t_off, off = run(store, prefetch=False, compute=0.015)
+    t_on, on = run(store, Oracle(seq, right=True), compute=0.015)
     assert t_off == t_on == text
     th = on["prefetch_throttle"]
     assert th["state"] == "on" and th["probes"] == 0
+    gate = th["hint_gates"]["oracle"]
+    assert gate["open"] and gate["closed"] == 0 and gate["hints_skipped"] == 0
+    assert gate["saved_ms"] > gate["hint_ms"]
     assert th["live_precision"] >= 0.9 and th["hints_used"]["oracle"] == 1.0
     assert on["prefetch_used"] >= 0.9 * on["prefetch_issued"] > 0
     assert on["hit_rate"] > off["hit_rate"] + 0.1
