@@ -42,7 +42,13 @@ time it is expected to cost. Nothing is left for the user to tune:
   ``PROBE_EVERY`` demand reads have gone by since the last probe, a refused
   candidate is read anyway (a probe, so ``r`` is measured again): at most one
   extra read per 32 demand reads, the interval doubling after each wasted
-  probe (up to 16x) and back to 32 after a used one.
+  probe (up to 16x) and back to 32 after a used one;
+* **compute**: computing decode hints costs time too (a predictor's
+  ``observe`` is comparable to a small model's whole layer). Per hint kind, a
+  gate (:class:`_Gate`) compares the stall its used prefetches saved with the
+  time spent computing and acting on the hints, and while they do not pay,
+  computes them only in rare probe windows (the predictor is reset before
+  one, its state being stale).
 
 Demand reads win regardless: the reader (:mod:`mer_cli.io.reader`) starts no
 prefetch chunk while a demand chunk is queued, a prefetch the compute needs is
