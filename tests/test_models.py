@@ -127,7 +127,7 @@ class RecordingSource:
             self.yielded.append((layer, e))
             yield from self.inner.fetch(layer, [e])
 
-    def prefetch(self, layer, experts, scores=None):
+    def prefetch(self, layer, experts, scores=None, kind="hint"):
         self.prefetches.append((layer, list(experts), list(scores)))
 
     def stats(self):
