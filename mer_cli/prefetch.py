@@ -71,7 +71,7 @@ PROBE_MAX = 16  # the probe interval grows to at most PROBE_EVERY * this
 OFF_AFTER = 8  # refusals in a row after which the throttle reports "off"
 EMA = 0.05  # weight of one layer in the stall share and compute gap averages
 MAX_DISTANCE = 3  # lookahead distances calibrated separately (further: pooled)
-HINTS_PER_LAYER = 8  # most candidates taken from a predictor per target layer
+CANDIDATES_PER_K = 2  # a predictor's candidates per target layer: 2 x top-k
 
 
 class _Window:
@@ -499,9 +499,8 @@ def prefetch_hint(
             if gate is not None and gate.stale:  # steps were skipped
                 pred.reset()
                 gate.stale = False
-            hints = predicted(
-                pred, observe(engine, pred, layer, ids, x, start), layer, L
-            )
+            out = observe(engine, pred, layer, ids, x, start)
+            hints = predicted(pred, out, layer, L, CANDIDATES_PER_K * ids.shape[-1])
         if th is not None:
             th.hint_computed(kind, time.perf_counter() - t0)
         return hints
@@ -509,9 +508,11 @@ def prefetch_hint(
     return decode_hint
 
 
-def predicted(pred, out: dict[int, np.ndarray], layer: int, L: int) -> list[Any]:
+def predicted(
+    pred, out: dict[int, np.ndarray], layer: int, L: int, n: int
+) -> list[Any]:
     """A predictor's ``{target_layer: scores [E]}`` as hints, nearest first,
-    each with its ``HINTS_PER_LAYER`` best experts of nonzero score."""
+    each with its ``n`` best experts of nonzero score."""
     from mer_cli.models.layers import Lookahead
 
     hints = []
@@ -519,7 +520,7 @@ def predicted(pred, out: dict[int, np.ndarray], layer: int, L: int) -> list[Any]
         if target == layer or not 0 <= target < L:
             continue
         scores = np.asarray(out[target], np.float32).reshape(-1)
-        order = np.argsort(-scores, kind="stable")[:HINTS_PER_LAYER]
+        order = np.argsort(-scores, kind="stable")[:n]
         order = order[scores[order] > 0]
         if len(order):
             hints.append(

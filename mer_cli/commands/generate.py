@@ -550,6 +550,14 @@ def _print_io(s: dict, io: dict) -> None:
     if th and src.get("prefetch_hints") != "off":
         used = ", ".join(f"{k} {pct(v)}" for k, v in th["hints_used"].items())
         g = th["stall_per_miss_s"]
+        gate = th.get("hint_gates", {}).get(src.get("prefetch_hints"))
+        gated = ""
+        if gate and gate["hints_skipped"]:
+            n = gate["hints_computed"]
+            gated = (
+                f"; hints computed for {n} of {n + gate['hints_skipped']} layers "
+                "(the rest skipped: computing them saved less than it cost)"
+            )
 
         def ms(v) -> str:
             return "-" if v is None else f"{1000 * v:.1f} ms"
@@ -563,6 +571,6 @@ def _print_io(s: dict, io: dict) -> None:
             f"({th['candidates_checked']} checked); a miss stalls {ms(g)}, a read "
             f"takes {ms(th['read_s_per_extent'])} with the drive busy "
             f"{pct(th['drive_busy_share'])} -> reads only above p = "
-            f"{th['threshold']:.2f}",
+            f"{th['threshold']:.2f}{gated}",
             err=True,
         )
