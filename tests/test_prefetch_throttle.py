@@ -356,3 +356,24 @@ def test_cli_refuses_a_predictor_of_another_model(store, predictors):
     assert r.exit_code == 2 and "--no-prefetch" in r.stderr
     r = gen(*base, "--predictor", str(store / "manifest.json"))
     assert r.exit_code == 1 and "manifest.json" in r.stderr
+
+
+def test_compute_gate_closes_probes_and_reopens():
+    th = PrefetchThrottle(num_layers=4, extent_nbytes=10**6)
+    g = th.gate("markov")
+    for _ in range(2 * 4):  # 1 ms per hint, nothing saved: closes
+        assert g.wanted()
+        th.hint_computed("markov", 0.001)
+    assert not g.open and g.closed == 1
+    assert [g.wanted() for _ in range(16 * 4)] == [False] * 64 and g.stale
+    for _ in range(2 * 4):  # a probe window of two tokens that saves nothing
+        assert g.wanted()
+        th.hint_computed("markov", 0.001)
+    assert not g.open  # the next window comes twice as late
+    assert sum(not g.wanted() for _ in range(32 * 4)) == 128
+    for _ in range(2 * 4):  # this window's prefetches save 2 ms per 1 ms hint
+        assert g.wanted()
+        g.credit(0.002)
+        th.hint_computed("markov", 0.001)
+    assert g.open and g.skipped == 64 + 128
+    assert g.stats()["hints_computed"] == 3 * 2 * 4
