@@ -20,6 +20,7 @@ from mer_cli.cli import cli
 from mer_cli.formats.store import Store
 from mer_cli.generate import Completion, GenerateOptions, load
 from mer_cli.io.reader import ExtentReader
+from mer_cli.io.slabs import SlabPool
 from mer_cli.prefetch import PROBE_EVERY, PrefetchThrottle, use_predictor
 from mer_cli.streaming import StreamedExperts
 
@@ -27,6 +28,7 @@ PROMPT = "The quick brown fox jumps over"
 N_TOKENS = 24
 L, E = 4, 8  # the test model: 4 layers x 8 experts, top-2
 READ_DELAY = 0.002  # seconds added to every read: a drive reads take time on
+PAGE = 4096
 
 
 @pytest.fixture(scope="module")
@@ -377,3 +379,50 @@ def test_compute_gate_closes_probes_and_reopens():
         th.hint_computed("markov", 0.001)
     assert g.open and g.skipped == 64 + 128
     assert g.stats()["hints_computed"] == 3 * 2 * 4
+
+
+def test_prefetch_chunks_leave_half_the_workers_to_demand(tmp_path):
+    """Four workers: prefetch chunks never occupy more than two, so a demand
+    read starts while prefetch chunks are still being read, not after them."""
+    data = tmp_path / "d.bin"
+    data.write_bytes(np.random.default_rng(0).bytes(48 * PAGE))
+    pool = SlabPool(16 * PAGE, 3)
+    reader = ExtentReader([data], threads=4, chunk_size=PAGE)
+    lock = threading.Lock()
+    now = {"pf": 0, "max_pf": 0, "pf_at_demand": None}
+    real = reader._preadv
+
+    def read(fd, buf, off):
+        pf = off < 32 * PAGE  # the prefetches' region
+        with lock:
+            if pf:
+                now["pf"] += 1
+                now["max_pf"] = max(now["max_pf"], now["pf"])
+            elif now["pf_at_demand"] is None:
+                now["pf_at_demand"] = now["pf"]
+        try:
+            time.sleep(0.05)
+            return real(fd, buf, off)
+        finally:
+            if pf:
+                with lock:
+                    now["pf"] -= 1
+
+    reader._preadv = read
+    try:
+        pfs = [
+            reader.submit(0, i * 16 * PAGE, 16 * PAGE, pool.slabs[i], priority=1)
+            for i in (0, 1)
+        ]
+        time.sleep(0.02)
+        demand = reader.submit(0, 32 * PAGE, 16 * PAGE, pool.slabs[2], priority=0)
+        for r in (*pfs, demand):
+            r.result(30)
+        assert now["max_pf"] == reader.prefetch_threads == 2
+        assert now["pf_at_demand"] >= 1  # ran alongside the prefetch chunks
+        assert demand.t_done < min(r.t_done for r in pfs)
+        got = bytes(pool.slabs[2][: 16 * PAGE])
+        assert got == data.read_bytes()[32 * PAGE :]
+    finally:
+        reader.close()
+        pool.close()

@@ -19,8 +19,11 @@ Scheduling (per device): a heap of requests ordered by ``(priority,
 submission order)``; demand reads (``DEMAND`` = 0) always go before prefetches
 (``PREFETCH`` = 1 and up). A worker takes the next chunk of the request at the
 head of its device's heap, so once a demand read arrives no new prefetch chunk
-starts on that device until it is fully issued; at most one in-flight prefetch
-chunk per thread can delay it. A prefetch can be promoted to demand (:meth:`ExtentReader.promote`) or cancelled
+starts on that device until it is fully issued. Prefetch chunks occupy at most
+half of a device's workers (``prefetch_threads``), so a demand read arriving
+while a prefetch is being read starts at once on the other half, never
+waiting behind a full queue of prefetch chunks. A prefetch can be promoted to
+demand (:meth:`ExtentReader.promote`) or cancelled
 (:meth:`ExtentReader.cancel`): chunks not yet started are dropped and the
 request finishes once the chunks already in flight land, so the caller knows
 when its buffer is free again.
@@ -194,6 +197,7 @@ class _Device:
         "busy_seconds",
         "bytes_read",
         "chunks_read",
+        "prefetch_active",
     )
 
     def __init__(self, key: object, lock: threading.Lock) -> None:
@@ -207,6 +211,7 @@ class _Device:
         self.busy_seconds = 0.0
         self.bytes_read = 0
         self.chunks_read = 0
+        self.prefetch_active = 0  # of them, chunks taken as prefetch
 
 
 def device_of(path: str | os.PathLike) -> object:
@@ -266,6 +271,9 @@ class ExtentReader:
             )
         self.files = [_File(Path(p)) for p in paths]
         self.threads = threads
+        # workers of a device that may read prefetch chunks at once: the other
+        # half is free the moment a demand read arrives
+        self.prefetch_threads = max(1, threads // 2)
         self.chunk_size = chunk_size
         self.direct = direct
         self.retries = retries
@@ -439,8 +447,10 @@ class ExtentReader:
 
     # -------------------------------------------------------------- workers
 
-    def _take(self, dev: _Device) -> tuple[ReadRequest, int] | None:
-        """Next chunk to read, under the lock; None when the heap is empty."""
+    def _take(self, dev: _Device) -> tuple[ReadRequest, int, bool] | None:
+        """Next chunk to read and whether it is a prefetch's, under the lock;
+        None when the heap is empty or holds only prefetches while
+        ``prefetch_threads`` workers already read prefetch chunks."""
         heap = dev.heap
         while heap:
             prio, _, req = heap[0]
@@ -452,12 +462,16 @@ class ExtentReader:
             ):
                 heapq.heappop(heap)
                 continue
+            pf = prio >= PREFETCH
+            if pf and dev.prefetch_active >= self.prefetch_threads:
+                return None  # the rest of the heap is prefetches too
             idx = req.next_chunk
             req.next_chunk += 1
             if req.next_chunk >= req.nchunks:
                 heapq.heappop(heap)
             req.inflight += 1
-            return req, idx
+            dev.prefetch_active += pf
+            return req, idx, pf
         return None
 
     def _work(self, dev: _Device) -> None:
@@ -477,7 +491,7 @@ class ExtentReader:
                     dev.busy_since = now
                 self._active += 1
                 dev.active += 1
-            req, idx = job
+            req, idx, pf = job
             err: BaseException | None = None
             n = 0
             try:
@@ -490,6 +504,7 @@ class ExtentReader:
                 now = time.perf_counter()
                 self._active -= 1
                 dev.active -= 1
+                dev.prefetch_active -= pf
                 if self._active == 0:
                     self.busy_seconds += now - self._busy_since
                 if dev.active == 0:
