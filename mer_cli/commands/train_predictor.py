@@ -75,6 +75,7 @@ def _budgets(ctx: click.Context, param: click.Parameter, value: str) -> list[flo
     default="10,25,50",
     show_default=True,
     callback=_budgets,
+    metavar="PERCENTS",
     help="Cache sizes to simulate, in percent of all expert bytes.",
 )
 @click.option("--seed", default=0, show_default=True, help="Seed of split and MLP.")
