@@ -57,8 +57,9 @@ def _budgets(ctx: click.Context, param: click.Parameter, value: str) -> list[flo
     "--model",
     "model",
     metavar="STORE",
-    help="The store the traces were recorded from: also fit mlp+router, an MLP "
-    "that takes the router lookahead too (routers copied from STORE).",
+    help="The store the traces were recorded from ('builtin': the built-in "
+    "model): also fit mlp+router, an MLP that takes the router lookahead too "
+    "(routers copied from STORE).",
 )
 @click.option(
     "--distance",
@@ -128,6 +129,11 @@ def command(
       mer train-predictor run.trace.npz -o run.pred.npz --model m.mer
     """
     from mer_cli.train_predictor import format_report, train_predictor
+
+    if model is not None:
+        from mer_cli import builtin
+
+        model = builtin.resolve(model, progress=not quiet)
 
     report = train_predictor(
         traces,
