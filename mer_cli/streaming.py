@@ -16,7 +16,8 @@ works with any top-k (reads then happen one after another). Prefetches
 (``prefetch(layer, ids, scores)``) go only into empty slots or over experts worth
 less than what they bring, are queued behind every demand read, are issued only
 when :class:`~mer_cli.prefetch.PrefetchThrottle` finds their expected benefit
-above their cost (live precision, stall share, spare bandwidth), and are
+above their cost (calibrated probability of use x measured stall per miss
+against the drive time a wasted read takes; spare bandwidth), and are
 cancelled when stale: a fetch of the layer that does not ask for them, or a
 newer prefetch hint for that layer. A prefetch counts as used when the next
 fetch of its layer asks for it, and as wasted otherwise (it stays cached).
@@ -410,9 +411,10 @@ class StreamedExperts:
 
         ``scores`` (the hint's probabilities of use; None: 1 each) are
         calibrated by the throttle's live measurements of hints of the same
-        ``kind`` (router lookahead, a predictor) and distance; the calibrated values
-        feed the cache's predictor signal (when ``scores`` is given) and decide
-        which candidates are read (:class:`~mer_cli.prefetch.PrefetchThrottle`).
+        ``kind`` (router lookahead, a predictor) and distance; the calibrated
+        values feed the cache's predictor signal (when ``scores`` is given) and
+        decide which candidates are read
+        (:class:`~mer_cli.prefetch.PrefetchThrottle`).
         Never evicts an expert worth more than the one it would bring, never
         touches slots in use, and queues behind every demand read. A hint for
         a layer past the last is ignored.
