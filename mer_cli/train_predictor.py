@@ -421,6 +421,7 @@ def hit_rates(
     num_experts: int,
     budgets: Sequence[float],
     predicted: dict[str, np.ndarray],
+    progress: bool = False,
 ) -> list[dict[str, Any]]:
     """Simulated hit rates per budget (a share of all expert bytes; experts
     are equal-sized extents, so a share of bytes is a share of slots): LRU,
@@ -432,15 +433,30 @@ def hit_rates(
     reqs = requests_of(experts, num_experts).tolist()
     preds = {name: predictions_of(s, K) for name, s in predicted.items()}
     rows = []
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        n = len(budgets) * (3 + len(preds))
+        bar = tqdm(total=n, unit="run", desc="simulate", leave=False)
     for share in budgets:
         slots = max(1, round(share * L * num_experts))
         row: dict[str, Any] = {"budget": share, "slots": slots}
-        row["lru"] = simulate_lru(reqs, slots)
-        row["policy"] = simulate_policy(reqs, slots, L, num_experts)
+        runs: list[tuple[str, Any, tuple]] = [
+            ("lru", simulate_lru, (reqs, slots)),
+            ("policy", simulate_policy, (reqs, slots, L, num_experts)),
+        ]
         for name, p in preds.items():
-            row[f"policy+{name}"] = simulate_policy(reqs, slots, L, num_experts, p)
-        row["belady"] = simulate_belady(reqs, slots)
+            args = (reqs, slots, L, num_experts, p)
+            runs.append((f"policy+{name}", simulate_policy, args))
+        runs.append(("belady", simulate_belady, (reqs, slots)))
+        for name, fn, args in runs:
+            row[name] = fn(*args)
+            if bar is not None:
+                bar.update(1)
         rows.append(row)
+    if bar is not None:
+        bar.close()
     return rows
 
 
@@ -583,7 +599,7 @@ def train_predictor(
         kind = max(fitted, key=lambda n: quality[n][K]["recall"][0])
     chosen = fitted[kind]
     sim = {n: scores[n] for n in ("router", *fitted) if n in scores}
-    rates = hit_rates(test.experts, E, budgets, sim)
+    rates = hit_rates(test.experts, E, budgets, sim, progress)
     chosen.meta["training"] |= {
         "traces": [str(t) for t in traces],
         "holdout_prompts": test.num_prompts,
