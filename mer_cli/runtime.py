@@ -171,6 +171,7 @@ class Engine:
         self.predictor = predictor
         self.routing: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
         self.timing = Timing(layer_moe_s=[0.0] * cfg.num_layers)
+        self.fetches = 0  # (layer, expert) pairs fetched by forward passes so far
         self.prefill_chunk = PREFILL_CHUNK
 
     # ------------------------------------------------------------------ weights
@@ -317,6 +318,7 @@ class Engine:
             t0 = time.perf_counter()
             xn = K.rms_norm(x, w.ffn_norm, eps)
             y, e_ids, e_w = moe_block(arch, w, xn, i, self.source, hint)
+            self.fetches += np.unique(e_ids).size  # each fetched once per pass
             self.timing.layer_moe_s[i] += time.perf_counter() - t0
             if rec_ids is not None:
                 rec_ids[i], rec_w[i] = e_ids, e_w

@@ -365,6 +365,66 @@ def check_options(method: str | None, draft_tokens: int, temperature: float) -> 
         )
 
 
+class DraftPolicy:
+    """How many drafts to verify: the number that maximizes expected tokens
+    per expert fetch.
+
+    A pass over ``1 + k`` tokens fetches the union of their experts, so in an
+    MoE its cost grows with ``k`` (up to all experts of each layer), while a
+    dense model's barely does. With per-draft acceptance ``p`` a pass yields
+    ``1 + p + ... + p**k`` tokens for ``cost(k)`` one-token passes' worth of
+    fetches; ``k = 0`` is a plain step. ``cost(k)`` starts from independent
+    routing (``E (1 - (1 - K/E)**(k+1)) / K``) and its excess over 1 is scaled
+    by the ratio observed in real passes (routing of neighbouring tokens is
+    correlated); ``p`` is a running mean over verified drafts and over plain
+    steps whose proposal could be checked for free. Fetches stand for the
+    cost: they are the reads of a streamed model and most of the compute of a
+    resident one.
+
+    Parameters
+    ----------
+    max_k : the most drafts per pass.
+    experts, top_k : the model's routed experts per layer and experts per token.
+    """
+
+    # optimistic: the first proposals are verified, and one miss brings p
+    # below break-even (then plain steps check the proposals for free)
+    P_PRIOR = 0.8
+    RATE = 0.1  # weight of one observation in the running means
+
+    def __init__(self, max_k: int, experts: int, top_k: int) -> None:
+        self.p = self.P_PRIOR
+        self.scale = 1.0  # observed / independent-routing excess cost
+        self.base = [
+            experts * (1 - (1 - top_k / experts) ** (k + 1)) / top_k
+            for k in range(max_k + 1)
+        ]
+
+    def cost(self, k: int) -> float:
+        return 1 + self.scale * (self.base[k] - 1)
+
+    def choose(self, available: int) -> int:
+        """Drafts to verify out of ``available`` proposed (0: a plain step)."""
+        best, best_k, gain = 1.0, 0, 1.0
+        for k in range(1, min(available, len(self.base) - 1) + 1):
+            gain = gain * self.p + 1  # 1 + p + ... + p**k
+            if gain / self.cost(k) > best + 1e-9:
+                best, best_k = gain / self.cost(k), k
+        return best_k
+
+    def observe(self, hits: int, missed: bool) -> None:
+        """``hits`` drafts accepted in a row, then a rejected one if ``missed``."""
+        for x in [1.0] * hits + ([0.0] if missed else []):
+            self.p += self.RATE * (x - self.p)
+
+    def observe_cost(self, k: int, fetch_ratio: float) -> None:
+        """A pass with ``k`` drafts fetched ``fetch_ratio`` times a plain step's."""
+        expected = self.base[k] - 1
+        if k > 0 and expected > 0:
+            seen = max(0.0, fetch_ratio - 1) / expected
+            self.scale += self.RATE * (seen - self.scale)
+
+
 def speculative_greedy(
     engine: Any,
     drafter: Drafter,
@@ -387,9 +447,8 @@ def speculative_greedy(
     engine : Engine
     drafter : PromptLookup or DraftModel
     prompt_ids : the prompt's token ids (non-empty).
-    draft_tokens : k, the most drafts verified per pass. The number asked for
-        adapts: one fewer after a pass with a rejected draft (down to 1), two
-        more after a pass that accepted all (up to ``draft_tokens``).
+    draft_tokens : k, the most drafts verified per pass; :class:`DraftPolicy`
+        picks how many of the proposed ones are worth their experts' fetches.
     max_tokens : tokens the consumer will take at most.
     stats : updated in place.
 
@@ -403,43 +462,43 @@ def speculative_greedy(
     context = [int(t) for t in prompt_ids]
     token = int(np.argmax(engine.prefill(context)))
     n = 0
-    limit = draft_tokens  # drafts asked for, adapted to the acceptance
+    cfg = engine.cfg
+    policy = DraftPolicy(draft_tokens, cfg.num_experts, cfg.top_k)
+    one_pass = cfg.num_layers * cfg.top_k  # fetches of a one-token pass
     while True:
         context.append(token)
         n += 1
         yield token
         if engine.pos >= engine.ctx:
             return
-        k = min(limit, engine.ctx - engine.pos - 1, max_tokens - n - 1)
-        drafts: list[int] = []
+        k = min(draft_tokens, engine.ctx - engine.pos - 1, max_tokens - n - 1)
+        proposal: list[int] = []
         if k > 0:
             t0 = time.perf_counter()
-            drafts = drafter.propose(context, k)[:k]
+            proposal = drafter.propose(context, k)[:k]
             dt = time.perf_counter() - t0
             stats.draft_s += dt
             engine.timing.decode_s += dt  # decode tok/s pays for the drafting
+        drafts = proposal[: policy.choose(len(proposal))]
         if not drafts:
             token = int(np.argmax(engine.decode_step(token)))
             stats.plain_steps += 1
             stats.tokens += 1
+            if proposal:  # was the first proposed token right? (free to check)
+                policy.observe(int(proposal[0] == token), proposal[0] != token)
             continue
-        pos0 = engine.pos
+        pos0, f0 = engine.pos, engine.fetches
         best = np.argmax(engine.verify([token, *drafts]), axis=-1)  # [k+1]
         a = 0
         while a < len(drafts) and int(best[a]) == drafts[a]:
             a += 1
         engine.truncate(pos0 + 1 + a)  # keep token and the accepted drafts
+        policy.observe(a, a < len(drafts))
+        policy.observe_cost(len(drafts), (engine.fetches - f0) / one_pass)
         stats.verify_passes += 1
         stats.drafted += len(drafts)
         stats.accepted += a
         stats.tokens += a + 1
-        # every drafted token costs its experts' reads in the pass: ask for
-        # fewer after a miss, more after a full hit (Hugging Face's assisted
-        # generation does the same)
-        if a == len(drafts):
-            limit = min(draft_tokens, limit + 2)
-        else:
-            limit = max(1, limit - 1)
         for d in drafts[:a]:
             context.append(d)
             n += 1

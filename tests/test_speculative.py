@@ -32,7 +32,14 @@ from mer_cli.formats.store import Store
 from mer_cli.generate import GenerateOptions, generate, load
 from mer_cli.quantize import quantize
 from mer_cli.sources import SourceOptions, open_source, plan_source
-from mer_cli.speculative import DraftModel, PromptLookup, check_draft_compatible
+from mer_cli.speculative import (
+    DraftModel,
+    DraftPolicy,
+    PromptLookup,
+    SpeculativeStats,
+    check_draft_compatible,
+    speculative_greedy,
+)
 
 PROMPTS = (
     "The quick brown fox",
@@ -236,6 +243,69 @@ def test_draft_model_drafts_what_a_fresh_copy_would(stores):
     finally:
         dm.close()
         fresh.close()
+
+
+def test_draft_policy_maximizes_expected_tokens_per_fetch():
+    pol = DraftPolicy(5, experts=8, top_k=2)
+    for p in (0.3, 0.6, 0.75, 0.8, 0.95):
+        pol.p = p
+        # brute force: expected tokens / fetches, independent routing
+        rate = [
+            sum(p**i for i in range(k + 1)) * 2 / (8 * (1 - 0.75 ** (k + 1)))
+            for k in range(6)
+        ]
+        want = max(range(6), key=lambda k: rate[k] - 1e-9 * k)
+        assert pol.choose(5) == want, p
+        assert pol.choose(2) == max(range(3), key=lambda k: rate[k] - 1e-9 * k)
+    pol.p = 0.6
+    assert pol.choose(5) == 0  # not worth 1.75x the fetches of a step
+    for _ in range(50):  # routing fully shared by the drafts: no extra fetches
+        pol.observe_cost(3, 1.0)
+    assert pol.choose(5) == 5
+    pol.observe(0, True)
+    assert pol.p < 0.6
+    pol.observe(4, False)
+    assert pol.p > 0.5
+
+
+class WrongDrafter:
+    """Proposes tokens the model will not choose (its own plus one)."""
+
+    name = "wrong"
+
+    def __init__(self, reference: list[int], start: int, vocab: int) -> None:
+        self.ref, self.start, self.vocab = reference, start, vocab
+
+    def reset(self) -> None:
+        pass
+
+    def propose(self, context, k):
+        done = len(context) - self.start
+        return [(t + 1) % self.vocab for t in self.ref[done : done + k]]
+
+    def close(self) -> None:
+        pass
+
+
+def test_wrong_drafts_are_soon_no_longer_verified(stores):
+    eng, tok = load(stores["mixtral"], ctx=256)
+    try:
+        ids = tok.encode(PROMPTS[0])
+        ref = tokens_of(stores["mixtral"], PROMPTS[0], 40)
+        plain = [int(t) for t in tok.encode(ref.completion, add_bos=False)]
+        eng.reset()
+        st = SpeculativeStats()
+        drafter = WrongDrafter(plain, len(ids), eng.cfg.vocab_size)
+        gen = speculative_greedy(eng, drafter, ids, draft_tokens=5, max_tokens=40,
+                                 stats=st)  # fmt: skip
+        got = [t for _, t in zip(range(40), gen)]
+        assert tok.decode(got) == ref.completion
+        # each miss lowers the estimated acceptance; with 4 experts (cost of
+        # a pass at most 2 steps' fetches) it is below break-even after ~6
+        assert st.accepted == 0 and st.verify_passes <= 7
+        assert st.plain_steps >= 32
+    finally:
+        eng.close()
 
 
 # ------------------------------------------------------------------ same tokens

@@ -67,8 +67,8 @@ import click
     default=5,
     show_default=True,
     metavar="K",
-    help="Most drafted tokens checked per forward pass (1-31); fewer are "
-    "drafted after a miss.",
+    help="Most drafted tokens checked per forward pass (1-31); fewer, or none, "
+    "when the acceptance so far does not pay for the drafts' expert fetches.",
 )
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per prompt.")
 @click.option(
