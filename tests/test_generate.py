@@ -275,9 +275,6 @@ def test_cli_chat_uses_template(store):
 def test_cli_errors(store, tmp_path):
     r = run_cli("generate", "--model", str(tmp_path / "nope"), "--prompt", "x")
     assert r.exit_code == 1 and "no such store" in r.stderr
-    r = run_cli("generate", "--prompt", "x")
-    assert r.exit_code == 2 and "--model STORE is required" in r.stderr
-    assert "built-in model" in r.stderr
     r = run_cli("generate", "--model", str(store))
     assert r.exit_code == 2 and "exactly one of --prompt" in r.stderr
     bare = _edit_manifest(store, tmp_path / "bare.mer", chat_template=None)

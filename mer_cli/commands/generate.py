@@ -13,7 +13,9 @@ import click
     "--model",
     "model",
     metavar="STORE",
-    help="Store made by mer quantize (required for now; a built-in model comes later).",
+    help="Store made by mer quantize, or 'builtin' [default: the built-in model, "
+    "a small MoE trained on Python's standard library, converted into the cache "
+    "directory on first use].",
 )
 @click.option(
     "--prompt",
@@ -203,12 +205,6 @@ def command(
     quick measurement), the hit rate beside LRU's and Belady's optimum, the time
     stalled on reads, prefetch precision/recall and the peak RSS.
 
-    --speculative (greedy only) drafts up to --draft-tokens tokens and checks
-    them with the last token in one forward pass, which reads each routed
-    expert once for all of them; drafts are kept while they equal the model's
-    own greedy choice, so the text is exactly that of plain decoding. --stats
-    and --json add the acceptance rate and tokens per forward pass.
-
     Prefetch reads the experts the next layers are likely to ask for while the
     current one computes: by default router lookahead (the next layer's router
     on this layer's hidden state); with --predictor PRED the predictor's scores
@@ -220,6 +216,12 @@ def command(
     during one layer's compute; when precision collapses prefetch turns itself
     off and only probes now and then. Demand reads always go first. --stats
     shows what the throttle did.
+
+    --speculative (greedy only) drafts up to --draft-tokens tokens and checks
+    them with the last token in one forward pass, which reads each routed
+    expert once for all of them; drafts are kept while they equal the model's
+    own greedy choice, so the text is exactly that of plain decoding. --stats
+    and --json add the acceptance rate and tokens per forward pass.
 
     --batch N decodes up to N prompts of --prompts-file together: each step runs
     one token of every prompt in flight, fetches the union of the experts they
@@ -235,27 +237,24 @@ def command(
 
     \b
     Examples:
+      mer generate --prompt "def fibonacci(n):"        # the built-in model
       mer generate --model mixtral.mer --prompt "The capital of France is"
       echo "Write a haiku" | mer generate --model qwen.mer --prompt - --chat
       mer generate --model m.mer --prompts-file prompts.jsonl --json > out.jsonl
       mer generate --model m.mer --prompts-file p.txt --batch 16 --json --stats
       mer generate --model m.mer --prompt "Once" --temperature 0.8 --seed 1 --stats
       mer generate --model mixtral.mer --prompt "Hi" --ram-budget 4GiB --stats
+      mer generate --model m.mer --prompt "Hi" --predictor m.pred.npz --stats
       mer generate --model m.mer --prompts-file edits.txt --speculative lookup
       mer generate --model big.mer --draft small.mer --prompt "Hi" --stats
-      mer generate --model m.mer --prompt "Hi" --predictor m.pred.npz --stats
     """
     from mer_cli.config import load_config
     from mer_cli.formats.store import Store
+    from mer_cli import builtin
     from mer_cli.generate import GenerateOptions, generate_many, load, read_prompts
     from mer_cli.prefetch import use_predictor
     from mer_cli.sources import SourceOptions, open_source, plan_source, read_ceiling
 
-    if not model:
-        raise click.UsageError(
-            "--model STORE is required: mer has no built-in model yet (one is "
-            "planned); make a store with `mer quantize CHECKPOINT -o STORE`"
-        )
     if (prompt is None) == (prompts_file is None):
         raise click.UsageError("give exactly one of --prompt TEXT and --prompts-file")
     if prompt == "-":
@@ -297,6 +296,7 @@ def command(
         prefetch=prefetch,
         verify_checksums=verify_checksums,
     )
+    model = builtin.resolve(model)
     store = Store.open(model)
     pred = None
     if predictor:  # checked against the store before anything loads
@@ -327,6 +327,7 @@ def command(
         threads=threads,
         source=lambda st: open_source(st, plan),
     )
+    use_predictor(engine, pred)
     use_predictor(engine, pred)
     if batch is not None:
         try:

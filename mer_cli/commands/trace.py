@@ -6,7 +6,12 @@ import click
 
 
 @click.command("trace")
-@click.option("--model", "model", required=True, metavar="STORE", help="Store to run.")
+@click.option(
+    "--model",
+    "model",
+    metavar="STORE",
+    help="Store to run, or 'builtin' [default: the built-in model].",
+)
 @click.option(
     "--prompts",
     "prompts_file",
@@ -66,7 +71,7 @@ import click
     help="Configuration file [default: $MER_CONFIG or ~/.config/mer/config.toml].",
 )
 def command(
-    model: str,
+    model: str | None,
     prompts_file: str,
     output: str,
     max_tokens: int,
@@ -99,10 +104,12 @@ def command(
     from mer_cli.generate import read_prompts
     from mer_cli.trace import trace
 
+    from mer_cli import builtin
+
     prompts = read_prompts(prompts_file, "--prompts")
     cfg = load_config(config_path)
     t = trace(
-        model,
+        builtin.resolve(model, progress=not quiet),
         prompts,
         output,
         max_tokens=max_tokens,

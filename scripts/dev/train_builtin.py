@@ -510,6 +510,7 @@ def stage_train(work: Path, threads: int, max_minutes: float | None) -> None:
             "elapsed": base_elapsed + time.time() - t0,
             "cpu": base_cpu + time.process_time() - c0,
             "history": history,
+            "threads": threads,
             "config": {"model": MODEL, "train": TRAIN, "seed": SEED},
         }
         tmp = ckpt.with_name("ckpt.pt.tmp")
@@ -634,7 +635,7 @@ def stage_export(work: Path, out: Path) -> None:
         "final_train_ce_last50": round(float(train_tail), 4),
         "final_heldout_ce": round(final_held, 4),
         "final_heldout_ppl": round(math.exp(final_held), 3),
-        "threads": torch.get_num_threads(),
+        "threads": state["threads"],
         "torch": torch.__version__,
         "params": int(sum(v.size for v in sd.values())),
     }
