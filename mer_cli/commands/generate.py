@@ -248,9 +248,9 @@ def command(
       mer generate --model m.mer --prompts-file edits.txt --speculative lookup
       mer generate --model big.mer --draft small.mer --prompt "Hi" --stats
     """
+    from mer_cli import builtin
     from mer_cli.config import load_config
     from mer_cli.formats.store import Store
-    from mer_cli import builtin
     from mer_cli.generate import GenerateOptions, generate_many, load, read_prompts
     from mer_cli.prefetch import use_predictor
     from mer_cli.sources import SourceOptions, open_source, plan_source, read_ceiling

@@ -100,11 +100,10 @@ def command(
       mer trace --model m.mer --prompts p.jsonl -o t.npz --max-tokens 128 \\
           --ram-budget 8GiB
     """
+    from mer_cli import builtin
     from mer_cli.config import load_config
     from mer_cli.generate import read_prompts
     from mer_cli.trace import trace
-
-    from mer_cli import builtin
 
     prompts = read_prompts(prompts_file, "--prompts")
     cfg = load_config(config_path)
