@@ -47,7 +47,7 @@ def plot_predictors(trace: Trace, report, path: str | os.PathLike) -> Path:
         ax.set_xticks(range(E))
     if L <= 32:
         ax.set_yticks(range(L))
-    fig.colorbar(im, ax=ax, shrink=0.9)
+    fig.colorbar(im, ax=ax, shrink=0.9, label="share of tokens")
     dists = np.arange(1, report.max_distance + 1)
     for name, q in report.quality.items():
         rec = np.asarray(q[K]["recall"]) * 100
