@@ -224,3 +224,32 @@ def test_llama_cpp_runs_the_builtin_model_as_mer_does(tmp_path):
         ours.append(int(np.argmax(logits)))
         logits = eng.decode_step(ours[-1])
     assert ours == theirs
+
+
+BATCH_PROMPTS = [
+    "def fibonacci(n):",
+    "import os\nimport sys\n\n\ndef main(argv):\n    for arg in argv:\n",
+    "class Stack:\n    def __init__(self):\n        self.items = []\n\n    def push(",
+    '    """Return the number of items."""\n',
+]
+
+
+def _completions(cache, *extra: str) -> list[str]:
+    prompts = cache.parent / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in BATCH_PROMPTS))
+    args = ["generate", "--prompts-file", str(prompts), "--max-tokens", "48", "--json"]
+    res = CliRunner().invoke(cli, [*args, *extra], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    rows = [json.loads(x) for x in res.stdout.strip().splitlines()]
+    return [r["completion"] for r in rows], rows
+
+
+def test_speculative_and_batched_greedy_equal_plain_greedy_on_the_builtin_model(cache):
+    plain, _ = _completions(cache)
+    lookup, rows = _completions(cache, "--speculative", "lookup", "--stats")
+    assert lookup == plain
+    spec = [r["stats"]["speculative"] for r in rows]
+    assert sum(s["accepted"] for s in spec) > 0  # the model repeats itself: drafts land
+    batched, _ = _completions(cache, "--batch", "3")
+    assert batched == plain
+    assert len(set(plain)) == len(plain)  # different prompts, different texts
