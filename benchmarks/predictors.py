@@ -42,11 +42,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--budgets", default="10,25,50", help="percent of expert bytes")
     ap.add_argument("--epochs", type=int, default=60)
     ap.add_argument("--hidden", type=int, default=128)
-    ap.add_argument("--model", help="the traced store: adds mlp+router")
+    ap.add_argument("--model", help="the traced store (or builtin): adds mlp+router")
     args = ap.parse_args(argv)
     from mer_cli.errors import MerError
     from mer_cli.train_predictor import format_report, train_predictor
 
+    if args.model is not None:
+        from mer_cli import builtin
+
+        args.model = builtin.resolve(args.model)
     seeds = [int(s) for s in args.seeds.split(",")]
     budgets = [float(b) / 100 for b in args.budgets.split(",")]
     rows = []
