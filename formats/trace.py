@@ -287,31 +287,57 @@ class Trace:
         return t
 
 
-def _check_meta(meta: Any, where: str) -> None:
+def check_header(
+    meta: Any,
+    where: str,
+    *,
+    fmt: str,
+    version: int,
+    fields: dict[str, Any],
+    what: str,
+    redo: str,
+) -> None:
+    """Checks shared by the JSON headers of mer's ``.npz`` files (traces, predictors).
+
+    ``meta`` must be an object with ``format == fmt``, ``version == version`` and
+    each of ``fields`` present with its type (bools are not ints). ``what`` is
+    said after a wrong format (``"not a mer trace"``); ``redo`` is the fix
+    (``"record the trace again"``).
+    """
     if not isinstance(meta, dict):
         raise FormatError(f"{where}: expected a JSON object, got {type(meta).__name__}")
-    if meta.get("format") != FORMAT:
+    if meta.get("format") != fmt:
         raise FormatError(
-            f"{where}: format is {meta.get('format')!r}, expected {FORMAT!r}; "
-            "not a mer trace"
+            f"{where}: format is {meta.get('format')!r}, expected {fmt!r}; {what}"
         )
-    if meta.get("version") != VERSION:
+    if meta.get("version") != version:
         raise FormatError(
             f"{where}: version is {meta.get('version')!r}, this mer reads version "
-            f"{VERSION}; record the trace again with this mer"
+            f"{version}; {redo} with this mer"
         )
-    for name, typ in META_FIELDS.items():
+    for name, typ in fields.items():
         if name not in meta:
-            raise FormatError(
-                f"{where}: field {name} is missing; record the trace again"
-            )
+            raise FormatError(f"{where}: field {name} is missing; {redo}")
         v = meta[name]
         if not isinstance(v, typ) or isinstance(v, bool):
             raise FormatError(
                 f"{where}: {name} is {v!r}, expected a {typ.__name__}"  # type: ignore[union-attr]
             )
-        if typ is int and name != "sketch_seed" and v < 1:
-            raise FormatError(f"{where}: {name} is {v}, expected >= 1")
+
+
+def _check_meta(meta: Any, where: str) -> None:
+    check_header(
+        meta,
+        where,
+        fmt=FORMAT,
+        version=VERSION,
+        fields=META_FIELDS,
+        what="not a mer trace",
+        redo="record the trace again",
+    )
+    for name, typ in META_FIELDS.items():
+        if typ is int and name != "sketch_seed" and meta[name] < 1:
+            raise FormatError(f"{where}: {name} is {meta[name]}, expected >= 1")
     depth = meta.get("lookahead_depth", 0)
     if not isinstance(depth, int) or isinstance(depth, bool):
         raise FormatError(f"{where}: lookahead_depth is {depth!r}, expected an int")

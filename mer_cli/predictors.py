@@ -65,6 +65,7 @@ from typing import Any
 import numpy as np
 
 from mer_cli.errors import FormatError, UsageError
+from mer_cli.formats.trace import check_header
 
 FORMAT = "mer-predictor"
 VERSION = 1
@@ -631,24 +632,16 @@ def check_model(meta: dict[str, Any], model: Any, where: str) -> None:
 
 
 def _check_meta(meta: Any, where: str) -> None:
-    if not isinstance(meta, dict):
-        raise FormatError(f"{where}: expected a JSON object, got {type(meta).__name__}")
-    if meta.get("format") != FORMAT:
-        raise FormatError(
-            f"{where}: format is {meta.get('format')!r}, expected {FORMAT!r}; not a "
-            "mer predictor (a trace? train one with mer train-predictor TRACE -o PRED)"
-        )
-    if meta.get("version") != VERSION:
-        raise FormatError(
-            f"{where}: version is {meta.get('version')!r}, this mer reads version "
-            f"{VERSION}; train the predictor again with this mer"
-        )
-    for name, typ in META_FIELDS.items():
-        if name not in meta:
-            raise FormatError(f"{where}: field {name} is missing; train it again")
-        v = meta[name]
-        if not isinstance(v, typ) or isinstance(v, bool):
-            raise FormatError(f"{where}: {name} is {v!r}, expected a {typ.__name__}")
+    check_header(
+        meta,
+        where,
+        fmt=FORMAT,
+        version=VERSION,
+        fields=META_FIELDS,
+        what="not a mer predictor (a trace? train one with mer train-predictor "
+        "TRACE -o PRED)",
+        redo="train the predictor again",
+    )
     if meta["kind"] not in KINDS:
         raise FormatError(
             f"{where}: kind is {meta['kind']!r}, expected one of {', '.join(KINDS)}"
