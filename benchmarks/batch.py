@@ -42,11 +42,11 @@ from pathlib import Path
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from stream import (  # noqa: E402  (benchmarks/ is not a package)
     CHILD_FLAG,
-    OVERHEAD,
     Cgroup,
     _warm_up,
     ceiling_reader,
     drop_caches,
+    expert_budget,
     fmt,
     make_warm_store,
     run_child,
@@ -158,17 +158,7 @@ def main() -> None:
     ctx = 32 + args.tokens  # the prompts are a few tokens
     kv = max(batches) * ctx * kv_bytes_per_position(cfg, "f32")
     dense = store.dense_bytes_total
-    if args.ram_budget:
-        budget = parse_size(args.ram_budget, what="--ram-budget")
-    else:
-        budget = limit - dense - kv - OVERHEAD
-    if budget < store.extent_nbytes:
-        sys.exit(
-            f"--limit {args.limit} leaves {format_size(max(budget, 0))} for experts "
-            f"after the dense weights ({format_size(dense)}), the KV caches and "
-            f"{format_size(OVERHEAD)}; one expert needs "
-            f"{format_size(store.extent_nbytes)}: raise --limit or pass --ram-budget"
-        )
+    budget = expert_budget(store, limit, args.limit, kv, args.ram_budget)
     files = list(store.file_paths)
     print("command: " + " ".join([sys.executable, *sys.argv]))
     print(

@@ -53,9 +53,9 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from stream import (  # noqa: E402  (benchmarks/ is not a package)
-    OVERHEAD,
     Cgroup,
     drop_caches,
+    expert_budget,
     fmt,
     make_warm_store,
 )
@@ -360,16 +360,11 @@ def main() -> None:
     cfg = store.model
     kv = 2 * cfg.num_layers * args.ctx * cfg.num_kv_heads * cfg.head_dim * 4
     dense = store.dense_bytes_total
-    budget = (
-        parse_size(args.ram_budget, what="--ram-budget")
-        if args.ram_budget
-        else limit - dense - kv - OVERHEAD
-    )
+    draft_bytes = 0
     if args.draft:  # the draft model is held in RAM inside the same limit
         d = Store.open(args.draft)
-        budget -= d.dense_bytes_total + d.expert_bytes_total
-    if budget < store.extent_nbytes:
-        sys.exit(f"--limit {args.limit} leaves no room for one expert extent")
+        draft_bytes = d.dense_bytes_total + d.expert_bytes_total
+    budget = expert_budget(store, limit, args.limit, kv, args.ram_budget, draft_bytes)
     print("command: " + " ".join([sys.executable, *sys.argv]))
     print(
         f"store {args.store}: {format_size(store.expert_bytes_total)} of experts "

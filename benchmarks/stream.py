@@ -303,6 +303,35 @@ def drop_caches(files: list[Path], root: bool) -> None:
             os.close(fd)
 
 
+def expert_budget(
+    store, limit: int, limit_arg: str, kv_bytes: int, ram_budget: str | None,
+    extra: int = 0,
+) -> int:  # fmt: skip
+    """Bytes for the expert cache under a cgroup limit of ``limit`` bytes.
+
+    ``--ram-budget`` when given, else what the limit leaves after the dense
+    weights, ``kv_bytes`` of KV cache, ``extra`` bytes (a draft model) and
+    :data:`OVERHEAD`. Exits with the figures when not one expert fits.
+    """
+    from mer_cli.units import format_size, parse_size
+
+    dense = store.dense_bytes_total
+    if ram_budget:
+        budget = parse_size(ram_budget, what="--ram-budget")
+    else:
+        budget = limit - dense - kv_bytes - OVERHEAD
+    budget -= extra
+    if budget < store.extent_nbytes:
+        sys.exit(
+            f"--limit {limit_arg} leaves {format_size(max(budget, 0))} for experts "
+            f"after the dense weights ({format_size(dense)}), the KV cache(s), "
+            f"{format_size(extra)} of draft model and {format_size(OVERHEAD)} "
+            f"overhead; one expert needs {format_size(store.extent_nbytes)}: raise "
+            "--limit or pass --ram-budget"
+        )
+    return budget
+
+
 def run_child(
     cfg: dict, cgroup: Cgroup | None, timeout: float, script: str = __file__
 ) -> dict:
@@ -493,17 +522,7 @@ def main() -> None:
     cfg = store.model
     kv_bytes = 2 * cfg.num_layers * args.ctx * cfg.num_kv_heads * cfg.head_dim * 4
     dense = store.dense_bytes_total
-    if args.ram_budget:
-        budget = parse_size(args.ram_budget, what="--ram-budget")
-    else:
-        budget = limit - dense - kv_bytes - OVERHEAD
-    if budget < store.extent_nbytes:
-        sys.exit(
-            f"--limit {args.limit} leaves {format_size(max(budget, 0))} for experts "
-            f"after the dense weights ({format_size(dense)}), the KV cache and "
-            f"{format_size(OVERHEAD)} overhead; one expert needs "
-            f"{format_size(store.extent_nbytes)}: raise --limit or pass --ram-budget"
-        )
+    budget = expert_budget(store, limit, args.limit, kv_bytes, args.ram_budget)
     files = list(store.file_paths)
     experts_file = largest_experts_file(store)
     print("command: " + " ".join([sys.executable, *sys.argv]))
