@@ -13,6 +13,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -582,3 +583,28 @@ def test_replicas_are_checked_by_open_and_verify(base, store, tmp_path):
             Store.open(store)
         with pytest.raises(FormatError, match=text):
             Store.open(store)
+
+
+def test_generate_stats_print_the_split_over_two_filesystems(store, tmp_path):
+    """Sharded over two filesystems (the test dir and a tmpfs), `--stats` shows the
+    bytes read from each device (tmpfs cannot do O_DIRECT: buffered, with a warning)."""
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or shm.stat().st_dev == tmp_path.stat().st_dev:
+        pytest.skip("needs /dev/shm on another filesystem than the test directory")
+    other = Path(tempfile.mkdtemp(prefix="mer-shard-", dir=shm))
+    try:
+        dirs = [targets(tmp_path, 1)[0], other]
+        args = ["shard", str(store), "--to", str(dirs[0]), "--to", str(dirs[1]), "-q"]
+        r = CliRunner().invoke(cli, args)
+        assert r.exit_code == 0, r.output
+        budget = str(3 * Store.open(store).extent_nbytes)
+        r = CliRunner().invoke(
+            cli,
+            ["generate", "--model", str(store), "--prompt", PROMPT, "--max-tokens",
+             "6", "--stream", "--ram-budget", budget, "--stats"],
+        )  # fmt: skip
+        assert r.exit_code == 0, r.output
+        (line,) = [x for x in r.stderr.splitlines() if x.startswith("reads per device:")]
+        assert line.count("device ") == 2 and line.count("busy") == 2
+    finally:
+        shutil.rmtree(other, ignore_errors=True)

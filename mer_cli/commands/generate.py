@@ -532,6 +532,15 @@ def _print_io(s: dict, io: dict) -> None:
             f"({io['ceiling_from']})"
         )
     click.echo(line, err=True)
+    devices = src.get("read_devices") or []
+    if len(devices) > 1:  # a sharded store: how the reads split over the drives
+        total = sum(d["bytes_read"] for d in devices) or 1
+        split = ", ".join(
+            f"device {d['device']} {format_size(d['bytes_read'])} "
+            f"({100 * d['bytes_read'] / total:.0f}%, busy {d['read_seconds']:.2f} s)"
+            for d in devices
+        )
+        click.echo(f"reads per device: {split}", err=True)
     click.echo(
         f"stalled on reads {pct(io['stall_share'])} of the run, "
         f"{pct(io['decode_stall_share'])} of decode; decode reads "
