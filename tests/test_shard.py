@@ -604,7 +604,9 @@ def test_generate_stats_print_the_split_over_two_filesystems(store, tmp_path):
              "6", "--stream", "--ram-budget", budget, "--stats"],
         )  # fmt: skip
         assert r.exit_code == 0, r.output
-        (line,) = [x for x in r.stderr.splitlines() if x.startswith("reads per device:")]
+        (line,) = [
+            x for x in r.stderr.splitlines() if x.startswith("reads per device:")
+        ]
         assert line.count("device ") == 2 and line.count("busy") == 2
     finally:
         shutil.rmtree(other, ignore_errors=True)
