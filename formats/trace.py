@@ -42,11 +42,7 @@ readers that do not know them ignore them.
 
 from __future__ import annotations
 
-import json
 import os
-import tempfile
-import zipfile
-import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,9 +50,17 @@ from typing import Any
 import numpy as np
 
 from mer_cli.errors import FormatError, UsageError
+from mer_cli.formats.npz import Kind, check_header, load_npz, save_npz
 
 FORMAT = "mer-trace"
 VERSION = 1
+KIND = Kind(
+    fmt=FORMAT,
+    noun="trace",
+    make="mer trace",
+    redo="record it again with mer trace",
+    not_this="not a mer trace",
+)
 DEFAULT_SKETCH_DIM = 64
 DEFAULT_SKETCH_SEED = 0
 DEFAULT_LOOKAHEAD = 3
@@ -202,20 +206,7 @@ class Trace:
         """Write the trace to ``path`` atomically; returns the path."""
         self.check(str(path))
         path = Path(path)
-        meta = json.dumps(self.meta, sort_keys=True).encode()
-        members = {"meta.json": np.frombuffer(meta, np.uint8), **self.arrays()}
-        fd, tmp = tempfile.mkstemp(
-            prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or "."
-        )
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, **members)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        save_npz(path, self.meta, self.arrays())
         self.path = path
         return path
 
@@ -224,117 +215,32 @@ class Trace:
         """Read and validate a trace file; :class:`FormatError` names the file,
         the member and the value when something is wrong."""
         path = Path(path)
-        if not path.is_file():
-            raise UsageError(f"{path}: no such trace file; make one with mer trace")
-        try:
-            z = np.load(path, allow_pickle=False)
-        except zipfile.BadZipFile as e:  # a zip whose end is missing or damaged
-            raise FormatError(
-                f"{path}: corrupt or truncated trace ({e}); record it again "
-                "with mer trace"
-            ) from None
-        except (ValueError, OSError, EOFError) as e:  # not a zip, nor a .npy
-            raise FormatError(
-                f"{path}: not a {FORMAT} file (expected an .npz zip archive: {e}); "
-                "make one with mer trace"
-            ) from None
-        if not isinstance(z, np.lib.npyio.NpzFile):
-            raise FormatError(
-                f"{path}: holds a single .npy array, expected a {FORMAT} .npz "
-                "archive; make one with mer trace"
-            )
-        try:
-            with z:
-                names = set(z.files)
-                if "meta.json" not in names:
+
+        def members(meta: dict, names: set[str]) -> list[str]:
+            missing = [n for n in ARRAYS if n not in names]
+            if missing:
+                raise FormatError(
+                    f"{path}: member {missing[0]} is missing (has "
+                    f"{sorted(names)}); the trace is incomplete: record it again"
+                )
+            if lookahead_depth(meta) > 0:
+                if "lookahead" not in names:
                     raise FormatError(
-                        f"{path}: no meta.json member; not a {FORMAT} file "
-                        "(make one with mer trace)"
+                        f"{path}: member lookahead is missing but lookahead_depth "
+                        f"is {lookahead_depth(meta)}; the trace is incomplete: "
+                        "record it again"
                     )
-                where = f"{path}: meta.json"
-                try:
-                    meta = json.loads(z["meta.json"].tobytes().decode())
-                except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                    raise FormatError(f"{where} is not JSON ({e})") from None
-                _check_meta(meta, where)
-                missing = [n for n in ARRAYS if n not in names]
-                if missing:
-                    raise FormatError(
-                        f"{path}: member {missing[0]} is missing (has "
-                        f"{sorted(names)}); the trace is incomplete: record it again"
-                    )
-                arrays = {n: z[n] for n in ARRAYS}
-                if lookahead_depth(meta) > 0:
-                    if "lookahead" not in names:
-                        raise FormatError(
-                            f"{path}: member lookahead is missing but "
-                            f"lookahead_depth is {lookahead_depth(meta)}; the "
-                            "trace is incomplete: record it again"
-                        )
-                    arrays["lookahead"] = z["lookahead"]
-        except (zipfile.BadZipFile, zlib.error, EOFError) as e:
-            raise FormatError(
-                f"{path}: corrupt or truncated trace ({e}); record it again "
-                "with mer trace"
-            ) from None
-        except ValueError as e:  # a member that is not a valid .npy, or pickled
-            raise FormatError(
-                f"{path}: a member is not a plain .npy array ({e}); record it "
-                "again with mer trace"
-            ) from None
+                return [*ARRAYS, "lookahead"]
+            return list(ARRAYS)
+
+        meta, arrays = load_npz(path, KIND, _check_meta, members)
         t = cls(meta=meta, path=path, **arrays)
         t.check(str(path))
         return t
 
 
-def check_header(
-    meta: Any,
-    where: str,
-    *,
-    fmt: str,
-    version: int,
-    fields: dict[str, Any],
-    what: str,
-    redo: str,
-) -> None:
-    """Checks shared by the JSON headers of mer's ``.npz`` files (traces, predictors).
-
-    ``meta`` must be an object with ``format == fmt``, ``version == version`` and
-    each of ``fields`` present with its type (bools are not ints). ``what`` is
-    said after a wrong format (``"not a mer trace"``); ``redo`` is the fix
-    (``"record the trace again"``).
-    """
-    if not isinstance(meta, dict):
-        raise FormatError(f"{where}: expected a JSON object, got {type(meta).__name__}")
-    if meta.get("format") != fmt:
-        raise FormatError(
-            f"{where}: format is {meta.get('format')!r}, expected {fmt!r}; {what}"
-        )
-    if meta.get("version") != version:
-        raise FormatError(
-            f"{where}: version is {meta.get('version')!r}, this mer reads version "
-            f"{version}; {redo} with this mer"
-        )
-    for name, typ in fields.items():
-        if name not in meta:
-            raise FormatError(f"{where}: field {name} is missing; {redo}")
-        v = meta[name]
-        if not isinstance(v, typ) or isinstance(v, bool):
-            raise FormatError(
-                f"{where}: {name} is {v!r}, expected a {typ.__name__}"  # type: ignore[union-attr]
-            )
-
-
 def _check_meta(meta: Any, where: str) -> None:
-    check_header(
-        meta,
-        where,
-        fmt=FORMAT,
-        version=VERSION,
-        fields=META_FIELDS,
-        what="not a mer trace",
-        redo="record the trace again",
-    )
+    check_header(meta, where, KIND, VERSION, META_FIELDS)
     for name, typ in META_FIELDS.items():
         if typ is int and name != "sketch_seed" and meta[name] < 1:
             raise FormatError(f"{where}: {name} is {meta[name]}, expected >= 1")

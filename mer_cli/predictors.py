@@ -54,21 +54,25 @@ H hidden units, M1/M2 context-table rows).
 
 from __future__ import annotations
 
-import json
 import os
-import tempfile
-import zipfile
-import zlib
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from mer_cli.errors import FormatError, UsageError
-from mer_cli.formats.trace import check_header
+from mer_cli.formats.npz import Kind, check_header, load_npz, save_npz
 
 FORMAT = "mer-predictor"
 VERSION = 1
+KIND = Kind(
+    fmt=FORMAT,
+    noun="predictor",
+    make="mer train-predictor",
+    redo="train it again with mer train-predictor",
+    not_this="not a mer predictor (a trace? train one with mer train-predictor "
+    "TRACE -o PRED)",
+)
 KINDS = ("markov", "mlp")
 MAX_DISTANCE = 3
 
@@ -303,20 +307,7 @@ class Predictor:
         """Write the predictor to ``path`` atomically (temp name + rename)."""
         path = Path(path)
         _check_arrays(self.kind, self.meta, self.arrays, str(path))
-        meta = json.dumps(self.meta, sort_keys=True).encode()
-        members = {"meta.json": np.frombuffer(meta, np.uint8), **self.arrays}
-        fd, tmp = tempfile.mkstemp(
-            prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or "."
-        )
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, **members)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        save_npz(path, self.meta, self.arrays)
         return path
 
 
@@ -537,55 +528,18 @@ def load_predictor(path: str | os.PathLike, model: Any = None) -> Predictor:
         member of the wrong dtype or shape, or made for another model.
     """
     path = Path(path)
-    if not path.is_file():
-        raise UsageError(
-            f"{path}: no such predictor file; make one with mer train-predictor"
-        )
-    try:
-        z = np.load(path, allow_pickle=False)
-    except zipfile.BadZipFile as e:
-        raise FormatError(
-            f"{path}: corrupt or truncated predictor ({e}); train it again with "
-            "mer train-predictor"
-        ) from None
-    except (ValueError, OSError, EOFError) as e:
-        raise FormatError(
-            f"{path}: not a {FORMAT} file (expected an .npz zip archive: {e}); "
-            "make one with mer train-predictor"
-        ) from None
-    if not isinstance(z, np.lib.npyio.NpzFile):
-        raise FormatError(
-            f"{path}: holds a single .npy array, expected a {FORMAT} .npz archive"
-        )
-    try:
-        with z:
-            if "meta.json" not in z.files:
-                raise FormatError(
-                    f"{path}: no meta.json member; not a {FORMAT} file (make one "
-                    "with mer train-predictor)"
-                )
-            try:
-                meta = json.loads(z["meta.json"].tobytes().decode())
-            except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                raise FormatError(f"{path}: meta.json is not JSON ({e})") from None
-            _check_meta(meta, f"{path}: meta.json")
-            schema = schema_of(meta["kind"], meta)
-            missing = [n for n in schema if n not in z.files]
-            if missing:
-                raise FormatError(
-                    f"{path}: member {missing[0]} is missing for a {meta['kind']} "
-                    "predictor; the file is incomplete: train it again"
-                )
-            arrays = {n: z[n] for n in schema}
-    except (zipfile.BadZipFile, zlib.error, EOFError) as e:
-        raise FormatError(
-            f"{path}: corrupt or truncated predictor ({e}); train it again with "
-            "mer train-predictor"
-        ) from None
-    except ValueError as e:
-        raise FormatError(
-            f"{path}: a member is not a plain .npy array ({e}); train it again"
-        ) from None
+
+    def members(meta: dict, names: set[str]) -> list[str]:
+        schema = schema_of(meta["kind"], meta)
+        missing = [n for n in schema if n not in names]
+        if missing:
+            raise FormatError(
+                f"{path}: member {missing[0]} is missing for a {meta['kind']} "
+                "predictor; the file is incomplete: train it again"
+            )
+        return list(schema)
+
+    meta, arrays = load_npz(path, KIND, _check_meta, members)
     _check_arrays(meta["kind"], meta, arrays, str(path))
     if model is not None:
         check_model(meta, model, str(path))
@@ -632,16 +586,7 @@ def check_model(meta: dict[str, Any], model: Any, where: str) -> None:
 
 
 def _check_meta(meta: Any, where: str) -> None:
-    check_header(
-        meta,
-        where,
-        fmt=FORMAT,
-        version=VERSION,
-        fields=META_FIELDS,
-        what="not a mer predictor (a trace? train one with mer train-predictor "
-        "TRACE -o PRED)",
-        redo="train the predictor again",
-    )
+    check_header(meta, where, KIND, VERSION, META_FIELDS)
     if meta["kind"] not in KINDS:
         raise FormatError(
             f"{where}: kind is {meta['kind']!r}, expected one of {', '.join(KINDS)}"
