@@ -88,7 +88,7 @@ def ensure_store(progress: bool = True) -> Path:
     root = out.parent
     try:
         root.mkdir(parents=True, exist_ok=True)
-        lock = open(root / ".builtin.lock", "a+b")  # noqa: SIM115 - held below
+        lock = open(root / ".builtin.lock", "a+b")  # closed by the with below
     except OSError as e:
         raise ResourceError(
             f"{root}: cannot create the cache directory for the built-in model "

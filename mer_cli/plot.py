@@ -26,6 +26,20 @@ def require_matplotlib() -> None:
         ) from None
 
 
+def save_figure(fig, path: str | os.PathLike) -> Path:
+    """Save ``fig`` to ``path`` under a temporary name and rename it into place;
+    the format follows the suffix (PNG when there is none)."""
+    out = Path(path)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    try:
+        fig.savefig(tmp, format=out.suffix.lstrip(".").lower() or "png")
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return out
+
+
 def _size_label(n: int) -> str:
     return f"{n >> 20}M" if n >= 1 << 20 else f"{n >> 10}K"
 
@@ -97,12 +111,4 @@ def plot_sequential(profile: Profile, path: str | os.PathLike) -> Path:
         fontsize=8,
         color="0.3",
     )
-    out = Path(path)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    try:
-        fig.savefig(tmp, format=out.suffix.lstrip(".").lower() or "png")
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return out
+    return save_figure(fig, path)

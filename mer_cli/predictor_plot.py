@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from mer_cli.formats.trace import Trace
-from mer_cli.plot import require_matplotlib
+from mer_cli.plot import require_matplotlib, save_figure
 from mer_cli.predictors import multi_hot
 
 
@@ -64,12 +64,4 @@ def plot_predictors(trace: Trace, report, path: str | os.PathLike) -> Path:
         f"{report.test_tokens} held-out tokens of {report.test_prompts} prompts",
         fontsize=10,
     )
-    out = Path(path)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    try:
-        fig.savefig(tmp, format=out.suffix.lstrip(".").lower() or "png")
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return out
+    return save_figure(fig, path)
