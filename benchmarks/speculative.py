@@ -79,6 +79,20 @@ PROMPTS = [
 ]
 
 
+# Python code-editing prompts whose answer repeats the input (same function
+# renamed, a class extended, a dict or list copied with a change, a test
+# method repeated): for a model trained on code, such as the built-in one
+CODE_PROMPTS = [
+    'def parse_header(line):\n    name, _, value = line.partition(":")\n    name = name.strip().lower()\n    value = value.strip()\n    if not name:\n        raise ValueError("empty header name")\n    return name, value\n\n\n# The same function, with line renamed to text:\n\ndef parse_header(text):\n',  # func
+    'class Point:\n    def __init__(self, x, y):\n        self.x = x\n        self.y = y\n\n    def __repr__(self):\n        return "Point(%r, %r)" % (self.x, self.y)\n\n    def __eq__(self, other):\n        return self.x == other.x and self.y == other.y\n\n\nclass Point3:\n    def __init__(self, x, y, z):\n        self.x = x\n        self.y = y\n',  # class
+    'DEFAULTS = {\n    "host": "localhost",\n    "port": 8080,\n    "workers": 4,\n    "timeout": 30,\n    "log_level": "info",\n    "debug": False,\n}\n\nTEST_DEFAULTS = {\n    "host": "localhost",\n    "port": 9090,\n',  # dict
+    '__all__ = [\n    "parse",\n    "parse_args",\n    "format_usage",\n    "format_help",\n    "print_usage",\n    "print_help",\n    "error",\n    "exit",\n]\n\n\n__all__ = [\n    "parse",\n',  # all
+    "def total(items):\n    result = 0\n    for item in items:\n        if item is None:\n            continue\n        result += item.price * item.count\n    return result\n\n\ndef total_weight(items):\n    result = 0\n    for item in items:\n        if item is None:\n            continue\n",  # loop
+    "    def test_add(self):\n        self.assertEqual(add(1, 2), 3)\n        self.assertEqual(add(0, 0), 0)\n        self.assertEqual(add(-1, 1), 0)\n\n    def test_sub(self):\n        self.assertEqual(sub(3, 2), 1)\n        self.assertEqual(sub(0, 0), 0)\n",  # tests
+]
+PROMPT_SETS = {"agent": PROMPTS, "code": CODE_PROMPTS}
+
+
 # ---------------------------------------------------------------- child side
 
 
@@ -336,8 +350,11 @@ def main() -> None:
     ap.add_argument("--draft", help="draft store (same tokenizer) for a draft run")
     ap.add_argument("--limit", default="4GiB", help="cgroup memory limit")
     ap.add_argument("--tokens", type=int, default=32, help="tokens per prompt")
-    ap.add_argument("--prompts", type=int, default=len(PROMPTS),
-                    help=f"how many of the {len(PROMPTS)} built-in prompts")  # fmt: skip
+    ap.add_argument("--prompt-set", choices=sorted(PROMPT_SETS), default="agent",
+                    help="agent: English code-editing requests; code: Python "
+                    "edits for a code model (the built-in one)")  # fmt: skip
+    ap.add_argument("--prompts", type=int,
+                    help="how many of the set's prompts [default: all]")  # fmt: skip
     ap.add_argument("--draft-tokens", type=int, default=5)
     ap.add_argument("--replay-miss", type=float, default=0.0,
                     help="share of wrong oracle drafts in the replay run")  # fmt: skip
@@ -365,12 +382,14 @@ def main() -> None:
         d = Store.open(args.draft)
         draft_bytes = d.dense_bytes_total + d.expert_bytes_total
     budget = expert_budget(store, limit, args.limit, kv, args.ram_budget, draft_bytes)
+    n_prompts = len(PROMPT_SETS[args.prompt_set][: args.prompts])
     print("command: " + " ".join([sys.executable, *sys.argv]))
     print(
         f"store {args.store}: {format_size(store.expert_bytes_total)} of experts "
         f"({len(store.experts)} x {format_size(store.extent_nbytes)}), dense "
         f"{format_size(dense)}; limit {format_size(limit)}, expert budget "
-        f"{format_size(budget)}; {args.prompts} prompts x {args.tokens} tokens",
+        f"{format_size(budget)}; {n_prompts} {args.prompt_set} prompts x "
+        f"{args.tokens} tokens",
         flush=True,
     )
     files = list(store.file_paths)
@@ -382,7 +401,7 @@ def main() -> None:
         base = {
             "store": str(args.store),
             "warm": warm,
-            "prompts": PROMPTS[: args.prompts],
+            "prompts": PROMPT_SETS[args.prompt_set][: args.prompts],
             "tokens": args.tokens,
             "ctx": args.ctx,
             "threads": args.threads,
