@@ -50,16 +50,45 @@ class ExpertSource(Protocol):
 
 
 class ResidentExperts:
-    """All experts in RAM: the store's data files are read into anonymous memory
-    (``preload=True``) or used through the memory map (``preload=False``)."""
+    """All experts in RAM: the store's extents are read into anonymous memory
+    (``preload=True``) or used through the memory map (``preload=False``).
 
-    def __init__(self, store: Store, preload: bool = True) -> None:
+    The preload reads with the streaming reader (O_DIRECT, several requests in
+    flight, every extent's CRC-32 checked) into one slab pool. Copying out of
+    the memory map instead faulted the file in 4 KiB pages on one thread and
+    left a second copy in the page cache: a 8.9 GiB store took about 50 s and
+    peaked at 18 GiB RSS.
+    """
+
+    def __init__(self, store: Store, preload: bool = True, threads: int = 0) -> None:
         self.store = store
         self._extents: dict[int, np.ndarray] = {}
-        if preload:
-            for i, e in enumerate(store.experts):
-                self._extents[i] = np.array(store.expert_bytes(e.layer, e.expert))
+        self._pool = None
+        if preload and store.experts:
+            self._preload(threads)
         self.requests = 0
+
+    def _preload(self, threads: int) -> None:
+        from mer_cli.io.reader import DEFAULT_THREADS, ExtentReader
+        from mer_cli.io.slabs import SlabPool
+
+        store = self.store
+        self._pool = pool = SlabPool(store.extent_nbytes, len(store.experts))
+        with ExtentReader(store.file_paths, threads=threads or DEFAULT_THREADS) as r:
+            reqs = [
+                r.submit(
+                    e.file,
+                    e.offset,
+                    e.nbytes,
+                    pool.slabs[i],
+                    crc32=e.crc32,
+                    label=f"expert (layer {e.layer}, expert {e.expert})",
+                )  # fmt: skip
+                for i, e in enumerate(store.experts)
+            ]
+            for req in reqs:
+                req.result()
+        self._extents = {i: pool.view(i) for i in range(len(store.experts))}
 
     def fetch(
         self, layer: int, experts: Sequence[int]
@@ -82,3 +111,6 @@ class ResidentExperts:
 
     def close(self) -> None:
         self._extents.clear()
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None

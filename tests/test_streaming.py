@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 
@@ -418,3 +419,19 @@ def test_random_interleavings_keep_bytes_right(store, seed):
 
     n, st = run_with_timeout(go)
     assert n > 0 and st["expert_requests"] >= n
+
+
+def test_resident_preload_reads_every_extent_and_checks_it(store):
+    """The in-RAM source reads all extents through the reader: the bytes equal
+    the file's, and a corrupt extent stops the load with the file and expert."""
+    with contextlib.closing(ResidentExperts(store)) as src:
+        for layer in range(store.model.num_layers):
+            for e, parts in src.fetch(layer, range(store.model.num_experts)):
+                want = store.expert_parts(store.expert_bytes(layer, e))
+                assert as_bytes(parts) == as_bytes(want)
+    ent = corrupt(store, 1, 2)
+    with pytest.raises(FormatError) as ei:
+        ResidentExperts(store)
+    msg = str(ei.value)
+    assert str(store.file_paths[ent.file]) in msg
+    assert "expert (layer 1, expert 2)" in msg and f"{ent.crc32:08x}" in msg
