@@ -27,18 +27,29 @@ Eviction evicts the resident expert expected to wait longest for its next use
   until a predictor provides one, which leaves the ranking to the other two.
 
 Slots in use by the compute (``acquire``/``release``), slots being read into,
-and the pinned hot set are never evicted. :func:`simulate` replays a request
-sequence through LRU, this policy and Belady's MIN (the offline optimum) to
-report hit rates side by side.
+and the pinned hot set are never evicted.
+
+Replays of a request sequence, to compare policies offline:
+:func:`simulate_lru`; :func:`simulate_belady`, Belady's MIN, the optimum of
+demand paging (nothing read before it is asked for); :func:`simulate_policy`,
+this policy on demand, predictions steering eviction only; and
+:func:`simulate_prefetch`, the live controller (``StreamedExperts``): this
+policy plus the prefetch reads a predictor's hints start through
+:class:`~mer_cli.prefetch.PrefetchThrottle`, counted as reads beside the hits
+(:class:`CacheRun`). Prefetch can beat MIN's hit rate -- MIN does not
+prefetch -- but only by reading more, which is why reads are reported too.
 """
 
 from __future__ import annotations
 
 import heapq
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
+
+from mer_cli.prefetch import PrefetchThrottle
 
 EMPTY, LOADING, READY = 0, 1, 2
 NO_SLOT = -1
@@ -331,7 +342,9 @@ def simulate_policy(
     ``predictions`` (optional) is aligned with ``requests``: entry ``i``, when
     not None, maps a layer to f32 ``[E]`` probabilities of use and is handed to
     :meth:`ExpertCache.set_predictions` just before request ``i`` (after its
-    layer visit began); without it the predicted signal stays 0.
+    layer visit began); without it the predicted signal stays 0. Predictions
+    steer eviction only: nothing is read before it is asked for
+    (:func:`simulate_prefetch` models the prefetching controller).
     """
     c = ExpertCache(slots, num_layers, num_experts, **kw)
     hits = n = 0
@@ -354,6 +367,260 @@ def simulate_policy(
         s = c.victim()
         c.assign(s, k, READY)
     return hits / n if n else 0.0
+
+
+@dataclass
+class CacheRun:
+    """What one simulated run counted; every read is one expert extent.
+
+    ``hits``/``requests`` are demand requests (one per expert the compute asks
+    for) found in DRAM, a prefetched expert included. ``prefetch_reads`` are
+    the reads issued ahead of demand (the throttle's probes included);
+    ``prefetch_used`` of them were asked for at their layer's next visit,
+    ``prefetch_wasted`` were not (or were evicted before it); the rest were
+    still pending when the sequence ended.
+    """
+
+    requests: int = 0
+    hits: int = 0
+    tokens: int = 0
+    prefetch_reads: int = 0
+    prefetch_used: int = 0
+    prefetch_wasted: int = 0
+    probes: int = 0
+
+    @property
+    def misses(self) -> int:
+        """Demand reads: requests not found in DRAM."""
+        return self.requests - self.hits
+
+    @property
+    def hit_rate(self) -> float:
+        return self.hits / self.requests if self.requests else 0.0
+
+    @property
+    def reads(self) -> int:
+        """Every extent read: demand misses plus prefetches."""
+        return self.misses + self.prefetch_reads
+
+    @property
+    def reads_per_token(self) -> float:
+        return self.reads / self.tokens if self.tokens else 0.0
+
+    @property
+    def wasted_share(self) -> float:
+        """Share of prefetch reads that were wasted."""
+        return (
+            self.prefetch_wasted / self.prefetch_reads if self.prefetch_reads else 0.0
+        )
+
+
+class _FixedThrottle(PrefetchThrottle):
+    """The live throttle with its benefit-vs-cost threshold held constant:
+    there are no timings to measure in a replay."""
+
+    def __init__(self, num_layers: int, threshold: float) -> None:
+        super().__init__(num_layers, extent_nbytes=1)
+        self._fixed = threshold
+
+    @property
+    def threshold(self) -> float:
+        return self._fixed
+
+
+def _visits(requests: Sequence[int], num_experts: int, top_k: int) -> Iterator:
+    """``(index of its first request, layer, keys)`` per layer visit: runs of
+    ``top_k`` distinct experts of one layer."""
+    for i in range(0, len(requests), top_k):
+        keys = [int(k) for k in requests[i : i + top_k]]
+        layer = keys[0] // num_experts
+        if any(k // num_experts != layer for k in keys) or len(set(keys)) < len(keys):
+            raise ValueError(
+                f"requests[{i}:{i + top_k}] = {keys}: expected top_k={top_k} "
+                "distinct experts of one layer per visit"
+            )
+        yield i, layer, keys
+
+
+PREFETCH_THRESHOLD = 0.5
+
+
+def simulate_prefetch(
+    requests: Sequence[int],
+    slots: int,
+    num_layers: int,
+    num_experts: int,
+    predictions: Sequence[Mapping[int, np.ndarray] | None] | None,
+    *,
+    top_k: int,
+    threshold: float = PREFETCH_THRESHOLD,
+    depth: int | None = None,
+    candidates: int | None = None,
+    calibrate: bool = True,
+    log: list | None = None,
+    **kw,
+) -> CacheRun:
+    """The live controller's cache with prefetch: three-signal eviction plus
+    the reads a predictor's hints start ahead of demand.
+
+    ``requests`` are replayed visit by visit -- runs of ``top_k`` (one layer of
+    one token, as :func:`~mer_cli.train_predictor.requests_of` lays them out)
+    -- as :class:`~mer_cli.streaming.StreamedExperts` serves a fetch: every
+    request of the visit is recorded, the experts found are held, and each
+    miss is read into the slot of lowest value (an expert of the visit is
+    given up only when every slot is held, the first served first). Then the
+    visit's hint ``predictions[i]`` (``i`` its first request; target layer ->
+    f32 ``[E]`` scores, as in :func:`simulate_policy`) is acted on as
+    ``StreamedExperts.prefetch`` does, nearest target first:
+
+    * each target's ``candidates`` best experts of nonzero score (default
+      ``2 * top_k``, the live ``CANDIDATES_PER_K``) are scored
+      ``p = min(1, score * factor)``, ``factor`` the live
+      :class:`~mer_cli.prefetch.PrefetchThrottle` calibration from the
+      outcomes so far (``calibrate=False``: 1); ``p`` becomes the cache's
+      predicted signal for them (the others' is 0);
+    * an absent candidate is read when ``PrefetchThrottle.decide`` says so:
+      ``p > threshold``, or a probe of a refused one (at most one per 32
+      demand misses, the live rule). The live threshold is ``u t / (g + u t)``
+      from measured timings; here it is a constant, by default 1/2: a miss
+      stalls one full read (``g = t``) and the drive is always busy (``u = 1``);
+    * at most ``depth`` reads per hint (default ``top_k``, the live
+      ``prefetch_depth``), each into a slot whose expert is worth less than
+      the candidate (``ExpertCache.victim(below=...)``), never one of the
+      current visit (the compute holds them while the hint is acted on).
+
+    Not modelled: timing. Every read lands before the next visit, so no
+    prefetch is late or cancelled, and the throttle's bandwidth cap and the
+    hint-compute gate never act: the hit rate is the most these decisions can
+    give. A prefetched expert is used if its layer's next visit asks for it,
+    otherwise wasted (it stays cached, as live). ``predictions`` None: demand
+    paging only (no hint). ``log``, when given, receives ``("visit", layer,
+    keys)``, ``("hit", key, -1)``, ``("miss", key, evicted)`` and
+    ``("prefetch", key, evicted)`` events (``evicted`` -1: an empty slot).
+
+    Returns
+    -------
+    CacheRun
+        Demand hits and misses, prefetch reads (used, wasted, probes), tokens.
+    """
+    if top_k < 1:
+        raise ValueError(f"top_k {top_k}: expected at least 1")
+    depth = top_k if depth is None else depth
+    candidates = 2 * top_k if candidates is None else candidates
+    L, E = num_layers, num_experts
+    c = ExpertCache(slots, L, E, **kw)
+    th = _FixedThrottle(L, threshold)
+    run = CacheRun()
+    pending: dict[int, tuple[float, bool]] = {}  # prefetched key -> (p, probe)
+
+    def resolve(key: int, used: bool) -> None:
+        p, probe = pending.pop(key)
+        run.prefetch_used += used
+        run.prefetch_wasted += not used
+        th.outcome(p, used, probe, _KIND)
+
+    def evict_into(slot: int, key: int, event: str) -> None:
+        old = c.assign(slot, key, READY)
+        if old in pending:  # a prefetched expert evicted before its layer came
+            resolve(old, False)
+        if log is not None:
+            log.append((event, key, old))
+
+    for start, layer, keys in _visits(requests, E, top_k):
+        c.begin_layer(layer)
+        for k in keys:
+            c.on_request(k)
+        run.requests += len(keys)
+        if log is not None:
+            log.append(("visit", layer, tuple(keys)))
+        for k in [k for k in pending if k // E == layer]:
+            resolve(k, k in keys)
+        th.visit(layer, [k - layer * E for k in keys])
+        held: list[int] = []  # slots the compute holds, in serving order
+        missing = []
+        for k in keys:
+            s = c.find(k)
+            if s is None:
+                missing.append(k)
+                continue
+            run.hits += 1
+            c.acquire(s)
+            held.append(s)
+            if log is not None:
+                log.append(("hit", k, NO_SLOT))
+        for k in missing:
+            s = c.victim()
+            while s is None:  # every slot held: the first served is done with
+                c.release(held.pop(0))
+                s = c.victim()
+            evict_into(s, k, "miss")
+            c.acquire(s)
+            held.append(s)
+        th.interval(1.0, 0.0, None, 0.0, len(missing))  # the probe interval
+        pred = predictions[start] if predictions is not None else None
+        if pred:  # the hint, from this visit's routing
+            _prefetch(c, th, pred, layer, depth, candidates, calibrate,
+                      pending, run, evict_into)  # fmt: skip
+        for s in held:
+            c.release(s)
+    run.tokens = c.token
+    return run
+
+
+_KIND = "predictor"  # the hint kind the simulated throttle calibrates
+
+
+def _prefetch(
+    c: ExpertCache,
+    th: _FixedThrottle,
+    pred: Mapping[int, np.ndarray],
+    layer: int,
+    depth: int,
+    candidates: int,
+    calibrate: bool,
+    pending: dict[int, tuple[float, bool]],
+    run: CacheRun,
+    evict_into: Callable[[int, int, str], None],
+) -> None:
+    """One hint as ``StreamedExperts._prefetch`` acts on it, nearest layer first."""
+    L, E = c.L, c.E
+    issued = 0
+    for target in sorted(pred, key=lambda t: (t - layer) % L):
+        if target == layer or not 0 <= target < L:
+            continue
+        scores = np.asarray(pred[target], np.float32).reshape(-1)
+        order = np.argsort(-scores, kind="stable")[:candidates]
+        order = order[scores[order] > 0]
+        if not len(order):
+            continue
+        dist = (target - layer) % L or L
+        f = th.factor(dist, _KIND) if calibrate else 1.0
+        raw = [float(x) for x in scores[order]]
+        ids = [int(e) for e in order]
+        probs = [min(1.0, max(0.0, x) * f) for x in raw]
+        c.set_predictions(target, ids, probs)
+        if c.slots < 2:
+            continue  # the live source never prefetches into one slot
+        absent = [
+            (p, e, x)
+            for e, x, p in zip(ids, raw, probs)
+            if c.find(target * E + e) is None
+        ]
+        th.candidates(target, dist, {e: x for _, e, x in absent}, _KIND)
+        for p, e, _ in sorted(absent, key=lambda t: -t[0]):
+            how = th.decide(p, issued < depth)
+            if how is None:
+                continue
+            key = target * E + e
+            s = c.victim(below=float(c.value(key)))
+            if s is None:
+                break  # everything held is worth more than these candidates
+            evict_into(s, key, "prefetch")
+            pending[key] = (p, how == "probe")
+            th.started(how)
+            run.prefetch_reads += 1
+            run.probes += how == "probe"
+            issued += 1
 
 
 def simulate(

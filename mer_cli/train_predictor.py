@@ -11,8 +11,10 @@ by prompt, never by token, so no held-out token's neighbours were seen in
 training. On the held-out tokens every predictor (router lookahead from the
 trace, per-layer frequency, Markov, MLP) is scored by recall@k and
 precision@k per lookahead distance, and the request sequence is replayed
-through LRU, the three-signal cache policy (:mod:`mer_cli.cache`, without and
-with each predictor's scores) and Belady's MIN under several byte budgets.
+through LRU, the three-signal cache policy (:mod:`mer_cli.cache`: without
+predictions, with each predictor's scores steering eviction, and with them
+also prefetching as the live controller does) and Belady's MIN under several
+byte budgets, reporting hit rates and extents read per token.
 """
 
 from __future__ import annotations
@@ -422,38 +424,84 @@ def hit_rates(
     budgets: Sequence[float],
     predicted: dict[str, np.ndarray],
     progress: bool = False,
+    threshold: float | None = None,
 ) -> list[dict[str, Any]]:
-    """Simulated hit rates per budget (a share of all expert bytes; experts
-    are equal-sized extents, so a share of bytes is a share of slots): LRU,
-    the three-signal policy without a predictor and with each of
-    ``predicted`` (name -> scores ``[N, L, A, E]``), Belady's MIN."""
-    from mer_cli.cache import simulate_belady, simulate_lru, simulate_policy
+    """Simulated hit rates and reads per budget (a share of all expert bytes;
+    experts are equal-sized extents, so a share of bytes is a share of slots).
 
+    ``experts`` int ``[N, L, K]`` are the held-out tokens' experts,
+    ``predicted`` name -> scores f32 ``[N, L, A, E]``. Each row has ``budget``,
+    ``slots`` and the hit rate (demand requests found in DRAM) of
+
+    * ``lru``: least recently used, demand only;
+    * ``policy``: the three-signal eviction, demand only;
+    * ``policy+NAME``: eviction steered by NAME's scores, nothing read ahead
+      (:func:`~mer_cli.cache.simulate_policy`);
+    * ``prefetch+NAME``: the live controller -- NAME's hints also read experts
+      of the next layers ahead of demand, throttled
+      (:func:`~mer_cli.cache.simulate_prefetch` at ``threshold``, default
+      :data:`~mer_cli.cache.PREFETCH_THRESHOLD`);
+    * ``belady``: Belady's MIN, the optimum of demand paging (no prefetch).
+
+    ``reads`` maps each of them to extents read per token (demand misses,
+    plus the prefetch reads for ``prefetch+``: what the hit rate costs), and
+    ``wasted`` each ``prefetch+NAME`` to the share of its prefetch reads not
+    used (evicted first, or their layer came without them).
+    """
+    from mer_cli.cache import (
+        PREFETCH_THRESHOLD,
+        simulate_belady,
+        simulate_lru,
+        simulate_policy,
+        simulate_prefetch,
+    )
+
+    if threshold is None:
+        threshold = PREFETCH_THRESHOLD
     N, L, K = experts.shape
     reqs = requests_of(experts, num_experts).tolist()
+    n = len(reqs)
     preds = {name: predictions_of(s, K) for name, s in predicted.items()}
     rows = []
     bar = None
     if progress:
         from tqdm import tqdm
 
-        n = len(budgets) * (3 + len(preds))
-        bar = tqdm(total=n, unit="run", desc="simulate", leave=False)
+        total = len(budgets) * (3 + 2 * len(preds))
+        bar = tqdm(total=total, unit="run", desc="simulate", leave=False)
+
+    def tick() -> None:
+        if bar is not None:
+            bar.update(1)
+
     for share in budgets:
         slots = max(1, round(share * L * num_experts))
         row: dict[str, Any] = {"budget": share, "slots": slots}
-        runs: list[tuple[str, Any, tuple]] = [
+        reads: dict[str, float] = {}
+        wasted: dict[str, float] = {}
+        demand: list[tuple[str, Any, tuple]] = [
             ("lru", simulate_lru, (reqs, slots)),
             ("policy", simulate_policy, (reqs, slots, L, num_experts)),
         ]
         for name, p in preds.items():
             args = (reqs, slots, L, num_experts, p)
-            runs.append((f"policy+{name}", simulate_policy, args))
-        runs.append(("belady", simulate_belady, (reqs, slots)))
-        for name, fn, args in runs:
+            demand.append((f"policy+{name}", simulate_policy, args))
+        for name, fn, args in demand:
             row[name] = fn(*args)
-            if bar is not None:
-                bar.update(1)
+            reads[name] = (1 - row[name]) * n / N if N else 0.0
+            tick()
+        for name, p in preds.items():
+            run = simulate_prefetch(
+                reqs, slots, L, num_experts, p, top_k=K, threshold=threshold
+            )
+            row[f"prefetch+{name}"] = run.hit_rate
+            reads[f"prefetch+{name}"] = run.reads / N if N else 0.0
+            wasted[f"prefetch+{name}"] = run.wasted_share
+            tick()
+        row["belady"] = simulate_belady(reqs, slots)
+        reads["belady"] = (1 - row["belady"]) * n / N if N else 0.0
+        tick()
+        row["reads"], row["wasted"] = reads, wasted
         rows.append(row)
     if bar is not None:
         bar.close()
@@ -660,7 +708,7 @@ def load_routers(
 
 
 def format_report(r: Report) -> str:
-    """The two tables (quality per predictor and distance; hit rates)."""
+    """The tables: quality per predictor and distance; :func:`hit_rate_table`."""
     K = r.top_k
     lines = [
         f"held out: {r.test_tokens} tokens of {r.test_prompts} prompts "
@@ -680,21 +728,50 @@ def format_report(r: Report) -> str:
                 row += f" {100 * rec:>9.1f}% {100 * prec:>7.1f}%"
             lines.append(row)
     lines += ["", f"(top-k = {K}; the saved predictor is {r.chosen}: {r.output})", ""]
-    cols = [c for c in r.hit_rates[0] if c not in ("budget", "slots")]
-    w = {c: max(8, len(c)) for c in cols}
-    lines.append(
-        f"{'budget':>7} {'slots':>5} " + " ".join(f"{c:>{w[c]}}" for c in cols)
-    )
-    for row in r.hit_rates:
-        cells = " ".join(f"{100 * row[c]:>{w[c] - 1}.1f}%" for c in cols)
-        lines.append(f"{100 * row['budget']:>6.0f}% {row['slots']:>5} {cells}")
-    best = f"policy+{r.chosen}"
-    lines.append("")
-    for row in r.hit_rates:
-        if row["belady"] > 0:
-            lines.append(
-                f"budget {100 * row['budget']:.0f}%: {best} reaches "
-                f"{100 * row[best] / row['belady']:.1f}% of Belady's MIN "
-                f"(LRU {100 * row['lru'] / row['belady']:.1f}%)"
-            )
+    lines += hit_rate_table(r.hit_rates, r.chosen)
     return "\n".join(lines)
+
+
+def hit_rate_table(rows: list[dict[str, Any]], chosen: str) -> list[str]:
+    """:func:`hit_rates`' rows as lines: per cache policy and budget the hit
+    rate and the extents read per token (and the wasted share of prefetch
+    reads), then, per budget, ``chosen`` against Belady's MIN."""
+    names = list(rows[0]["reads"])
+    head = [f"{100 * r['budget']:.0f}% ({r['slots']} slots)" for r in rows]
+    lines = [
+        "simulated cache: hit rate, extents read per token, share of the "
+        "prefetch reads wasted",
+        f"{'budget':<20}" + "".join(f"{h:>23}" for h in head),
+        f"{'':<20}" + f"{'hit':>8} {'reads':>6} {'wasted':>7}" * len(rows),
+    ]
+    for name in names:
+        line = f"{'belady (MIN)' if name == 'belady' else name:<20}"
+        for r in rows:
+            w = r["wasted"].get(name)
+            w = "" if w is None else f"{100 * w:.0f}%"
+            line += f"{100 * r[name]:>7.1f}% {r['reads'][name]:>6.2f} {w:>7}"
+        lines.append(line.rstrip())
+    lines += [
+        "(policy+NAME: NAME's predictions steer eviction only; prefetch+NAME: "
+        "they also read experts ahead, as the live controller does; "
+        "MIN: the optimum without prefetch)",
+        "",
+    ]
+    best, pf = f"policy+{chosen}", f"prefetch+{chosen}"
+    for r in rows:
+        m, mr = r["belady"], r["reads"]["belady"]
+        if m <= 0:
+            continue
+        line = (
+            f"budget {100 * r['budget']:.0f}%: {best} reaches "
+            f"{100 * r[best] / m:.1f}% of Belady's MIN "
+            f"(LRU {100 * r['lru'] / m:.1f}%)"
+        )
+        if pf in r:
+            cost = f"{r['reads'][pf] / mr:.2f}x" if mr > 0 else "n/a"
+            line += (
+                f"; {pf} {100 * r[pf] / m:.1f}% of MIN's hit rate at {cost} "
+                f"MIN's reads ({r['reads'][pf]:.2f} vs {mr:.2f} per token)"
+            )
+        lines.append(line)
+    return lines

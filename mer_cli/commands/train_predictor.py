@@ -116,10 +116,17 @@ def command(
     takes the router lookahead (mlp+router). On the held-out prompts every
     predictor -- and the router lookahead the trace recorded, the
     training-free baseline -- is scored by recall@k and precision@k per
-    lookahead distance, and the expert requests are replayed through LRU, the
-    three-signal cache policy (without and with each predictor) and Belady's
-    MIN at each of --budgets. The predictor chosen by --kind is written to
-    PRED (a versioned .npz, see mer-predictor(5)); use it with
+    lookahead distance, and the expert requests are replayed at each of
+    --budgets. The hit-rate table gives, per budget, the hit rate and the
+    extents read per token of: lru; policy (the three-signal cache policy,
+    demand only); policy+NAME (NAME's predictions steer eviction, nothing is
+    read ahead); prefetch+NAME (they also read the next layers' experts ahead
+    of demand, throttled, as mer generate --predictor does; timing is not
+    modelled, so every read lands in time) with the share of those reads
+    wasted; and Belady's MIN, the best any cache can do WITHOUT prefetch. A
+    prefetching policy can beat MIN's hit rate, but only by reading more:
+    compare the reads. The predictor chosen by --kind is written to PRED (a
+    versioned .npz, see mer-predictor(5)); use it with
     mer generate --predictor PRED.
 
     \b
