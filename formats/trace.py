@@ -24,6 +24,10 @@ member                  dtype       shape / meaning
 ``projection``          f32 [D,S]   the Gaussian random projection used
 ``lookahead``           f16 [N,L,A,E]  optional (``lookahead_depth`` A >= 1):
                                     router lookahead, see below
+``preview_sketch``      f16 [N,L,S] optional (``preview`` true): sketch of
+                                    the attention preview, see below
+``preview_probs``       f16 [N,L,E] optional (``preview`` true): layer
+                                    ``l+1``'s router on the preview
 ======================  ==========  =========================================
 
 Tokens are those that went through the model: each prompt's tokens, then each
@@ -38,6 +42,15 @@ made ``d`` layers early (the engine's prefetch hint for ``d = 1``). Rows with
 ``l + d >= L`` are zero. The member and the meta field ``lookahead_depth``
 are optional additions to version 1: files without them read as depth 0, and
 readers that do not know them ignore them.
+
+``preview_sketch[n, l]`` is the sketch of the *attention preview* of layer
+``l+1`` (:func:`mer_cli.models.layers.attention_preview`): layer ``l+1``'s
+attention run on the residual entering layer ``l``'s MoE block, added to it
+-- what layer ``l+1``'s router would see if layer ``l``'s MoE added nothing,
+computable while layer ``l``'s experts are read. ``preview_probs[n, l]`` is
+the softmax of layer ``l+1``'s router on it (after its RMS norm). Row
+``l = L-1`` is zero. Optional additions to version 1 like ``lookahead``
+(meta field ``preview``, absent = false).
 """
 
 from __future__ import annotations
@@ -80,7 +93,7 @@ META_FIELDS: dict[str, type | tuple[type, ...]] = {
     "created_by": str,
 }
 # optional meta fields (absent in early version-1 files) and their defaults
-OPTIONAL_META: dict[str, int] = {"lookahead_depth": 0}
+OPTIONAL_META: dict[str, int | bool] = {"lookahead_depth": 0, "preview": False}
 MAX_LOOKAHEAD = 3
 # array members: dtype and shape in terms of N and the meta fields
 ARRAYS: dict[str, tuple[np.dtype, tuple[str, ...]]] = {
@@ -92,6 +105,11 @@ ARRAYS: dict[str, tuple[np.dtype, tuple[str, ...]]] = {
     "probs": (np.dtype(np.float16), ("N", "num_layers", "num_experts")),
     "sketch": (np.dtype(np.float16), ("N", "num_layers", "sketch_dim")),
     "projection": (np.dtype(np.float32), ("hidden_size", "sketch_dim")),
+}
+# members present when meta "preview" is true (attention preview)
+PREVIEW_ARRAYS: dict[str, tuple[np.dtype, tuple[str, ...]]] = {
+    "preview_sketch": (np.dtype(np.float16), ("N", "num_layers", "sketch_dim")),
+    "preview_probs": (np.dtype(np.float16), ("N", "num_layers", "num_experts")),
 }
 # what two traces must share to be merged (same model, same projection)
 MODEL_FIELDS = (
@@ -107,17 +125,30 @@ MODEL_FIELDS = (
 
 
 def bytes_per_token(
-    num_layers: int, num_experts: int, top_k: int, sketch: int, lookahead: int = 0
+    num_layers: int,
+    num_experts: int,
+    top_k: int,
+    sketch: int,
+    lookahead: int = 0,
+    preview: bool = False,
 ) -> int:
     """Bytes one token adds to a trace: 3 int32 + L*K int16 + L*K f16 + L*E f16
-    + L*S f16 + L*A*E f16 (the fixed part -- projection, meta, zip headers --
-    comes on top).
+    + L*S f16 + L*A*E f16 (+ L*S f16 + L*E f16 with ``preview``; the fixed part
+    -- projection, meta, zip headers -- comes on top).
 
     Mixtral (L=32, E=8, K=2, S=64): 12 + 128 + 128 + 512 + 4096 = 4876 B, plus
-    1536 B with ``lookahead`` A=3.
+    1536 B with ``lookahead`` A=3, plus 4608 B with ``preview``.
     """
     per_layer = 2 * top_k + 2 * top_k + 2 * num_experts + 2 * sketch
-    return 3 * 4 + num_layers * (per_layer + 2 * lookahead * num_experts)
+    per_layer += 2 * lookahead * num_experts
+    if preview:
+        per_layer += 2 * sketch + 2 * num_experts
+    return 3 * 4 + num_layers * per_layer
+
+
+def has_preview(meta: dict[str, Any]) -> bool:
+    """Whether a trace holds the attention preview (meta ``preview``)."""
+    return bool(meta.get("preview", OPTIONAL_META["preview"]))
 
 
 def lookahead_depth(meta: dict[str, Any]) -> int:
@@ -149,6 +180,8 @@ class Trace:
     sketch: np.ndarray
     projection: np.ndarray
     lookahead: np.ndarray | None = None
+    preview_sketch: np.ndarray | None = None
+    preview_probs: np.ndarray | None = None
     path: Path | None = field(default=None, compare=False)
 
     @property
@@ -164,6 +197,9 @@ class Trace:
         out = {name: getattr(self, name) for name in ARRAYS}
         if self.lookahead is not None:
             out["lookahead"] = self.lookahead
+        for name in PREVIEW_ARRAYS:
+            if getattr(self, name) is not None:
+                out[name] = getattr(self, name)
         return out
 
     def check(self, where: str = "trace") -> None:
@@ -195,6 +231,24 @@ class Trace:
                     "(N, num_layers, lookahead_depth, num_experts); record the "
                     "trace again with mer trace"
                 )
+        for name, (dtype, shape) in PREVIEW_ARRAYS.items():
+            a = getattr(self, name)
+            if not has_preview(self.meta):
+                if a is not None:
+                    raise FormatError(
+                        f"{where}: has a {name} member but preview is false; "
+                        "record it again with mer trace"
+                    )
+                continue
+            want = tuple(dims[d] for d in shape)
+            if a is None or a.dtype != dtype or a.shape != want:
+                got = "missing" if a is None else f"{a.dtype}{list(a.shape)}"
+                raise FormatError(
+                    f"{where}: {name} is {got}, expected {dtype}{list(want)} ("
+                    + ", ".join(shape)
+                    + ") since preview is true; record the trace again with "
+                    "mer trace"
+                )
         E = self.meta["num_experts"]
         if self.experts.size and (self.experts.min() < 0 or self.experts.max() >= E):
             bad = int(self.experts[(self.experts < 0) | (self.experts >= E)][0])
@@ -223,6 +277,7 @@ class Trace:
                     f"{path}: member {missing[0]} is missing (has "
                     f"{sorted(names)}); the trace is incomplete: record it again"
                 )
+            want = list(ARRAYS)
             if lookahead_depth(meta) > 0:
                 if "lookahead" not in names:
                     raise FormatError(
@@ -230,8 +285,16 @@ class Trace:
                         f"is {lookahead_depth(meta)}; the trace is incomplete: "
                         "record it again"
                     )
-                return [*ARRAYS, "lookahead"]
-            return list(ARRAYS)
+                want.append("lookahead")
+            if has_preview(meta):
+                for name in PREVIEW_ARRAYS:
+                    if name not in names:
+                        raise FormatError(
+                            f"{path}: member {name} is missing but preview is "
+                            "true; the trace is incomplete: record it again"
+                        )
+                    want.append(name)
+            return want
 
         meta, arrays = load_npz(path, KIND, _check_meta, members)
         t = cls(meta=meta, path=path, **arrays)
@@ -251,13 +314,16 @@ def _check_meta(meta: Any, where: str) -> None:
         raise FormatError(
             f"{where}: lookahead_depth is {depth}, expected 0..{MAX_LOOKAHEAD}"
         )
+    preview = meta.get("preview", False)
+    if not isinstance(preview, bool):
+        raise FormatError(f"{where}: preview is {preview!r}, expected true or false")
 
 
 def merge(traces: list[Trace]) -> Trace:
     """One trace holding ``traces`` one after another; prompt indices are
     renumbered so that each trace's prompts follow the previous one's. The
     router lookahead is kept to the smallest depth of the traces (none if one
-    trace has none).
+    trace has none), the attention preview only if every trace has it.
 
     Raises :class:`UsageError` when the traces come from different models
     (store_id, arch, shapes) or used different projections.
@@ -297,6 +363,12 @@ def merge(traces: list[Trace]) -> Trace:
     look = None
     if depth:
         look = np.concatenate([t.lookahead[:, :, :depth] for t in traces])
+    preview = all(has_preview(t.meta) for t in traces)
+    if "preview" in meta or preview:
+        meta["preview"] = preview
+    if preview:
+        for name in PREVIEW_ARRAYS:
+            cat[name] = np.concatenate([getattr(t, name) for t in traces])
     out = Trace(
         meta=meta, prompt=prompt, projection=first.projection, lookahead=look, **cat
     )

@@ -16,7 +16,14 @@ versioned ``.npz`` (no pickle, format below):
   ``l+1..l+A``. With ``router_inputs`` (meta, trained with ``--model``) it
   also takes the router lookahead of the target layers -- their RMS norm and
   router applied to the hidden state, with weights copied from the store into
-  the file -- so it refines the training-free baseline.
+  the file -- so it refines the training-free baseline. With
+  ``preview_inputs`` (meta; kind ``mlp+preview``, trained on traces recorded
+  with the attention preview) it also takes the sketch of the attention
+  preview of layer ``l+1``: layer ``l+1``'s attention run early on the
+  residual entering layer ``l``'s MoE block
+  (:func:`mer_cli.models.layers.attention_preview`), which sees the context
+  (the earlier positions' keys and values) that decides much of ``l+1``'s
+  routing, at the time layer ``l``'s experts are read.
 
 Live interface (``mer generate --predictor``)::
 
@@ -25,6 +32,7 @@ Live interface (``mer generate --predictor``)::
     pred.kind, pred.max_distance                   # "markov" | "mlp", 1..3
     pred.reset()                                   # a new sequence
     scores = pred.observe(layer, experts, hidden)  # after layer's routing
+    pred.wants_preview                             # True: also pass preview=
     # {target_layer: f32 [E] in [0, 1]} for target_layer in
     #   layer+1 .. min(layer+max_distance, L-1); never wraps to the next token
 
@@ -33,7 +41,10 @@ at or below the previous call's starts a new step (token). ``experts`` is int
 ``[K]`` (one token) or ``[T, K]`` (T consecutive tokens of a prefill chunk),
 ``hidden`` f32 ``[D]`` or ``[T, D]`` is the residual stream entering that
 layer's MoE block (before its RMS norm) -- the predictor applies its own
-projection; ``markov`` ignores it, ``mlp`` needs it. With ``[T, K]`` input each
+projection; ``markov`` ignores it, ``mlp`` needs it. ``preview`` (same
+shape, optional) is the attention preview of layer ``layer+1``; a predictor
+that ``wants_preview`` and gets none (prefill, batched decode) puts its
+training mean in those inputs. With ``[T, K]`` input each
 score is ``[T, E]``; inside a chunk the previous token's experts at a later
 layer are not known yet, so rows after the first get no temporal signal
 (during decode, T = 1, every row has it). :meth:`Predictor.predict_trace`
@@ -45,9 +56,10 @@ uncompressed ``.npz`` whose
 ``kind``, the model's ``store_id``, ``arch``, ``num_layers``, ``num_experts``,
 ``top_k``, ``hidden_size``, ``sketch_dim``, ``sketch_seed``,
 ``max_distance`` and ``created_by``, plus free-form ``training`` figures (an
-``mlp`` with router inputs adds ``router_inputs: true`` and ``rms_norm_eps``);
-the arrays of each kind are listed in :data:`SCHEMAS` and
-:data:`ROUTER_SCHEMA` (shape letters: L layers,
+``mlp`` with router inputs adds ``router_inputs: true`` and ``rms_norm_eps``,
+one with preview inputs ``preview_inputs: true``);
+the arrays of each kind are listed in :data:`SCHEMAS`,
+:data:`ROUTER_SCHEMA` and :data:`PREVIEW_SCHEMA` (shape letters: L layers,
 E experts, A max_distance, S sketch width, D model width, F MLP inputs,
 H hidden units, M1/M2 context-table rows).
 """
@@ -122,6 +134,12 @@ SCHEMAS: dict[str, dict[str, tuple[str, tuple[str, ...]]]] = {
 ROUTER_SCHEMA: dict[str, tuple[str, tuple[str, ...]]] = {
     "routers": ("float32", ("L", "E", "D")),  # each layer's router [E, D]
     "router_norms": ("float32", ("L", "D")),  # and its ffn_norm weight
+}
+
+# members of an mlp with meta "preview_inputs": true (attention-preview inputs)
+PREVIEW_SCHEMA: dict[str, tuple[str, tuple[str, ...]]] = {
+    "preview_mu": ("float32", ("L", "S")),  # preview sketch standardisation
+    "preview_sd": ("float32", ("L", "S")),
 }
 
 # random 64-bit codes of experts (XOR of a set's codes = the set's key part)
@@ -202,8 +220,17 @@ class Predictor:
         self._known = np.zeros(self.L, bool)
         self._layer = self.L  # so that the first call starts a step
 
+    @property
+    def wants_preview(self) -> bool:
+        """Whether :meth:`observe` uses the attention preview (``preview=``)."""
+        return bool(self.meta.get("preview_inputs", False))
+
     def observe(
-        self, layer: int, experts: np.ndarray, hidden: np.ndarray | None = None
+        self,
+        layer: int,
+        experts: np.ndarray,
+        hidden: np.ndarray | None = None,
+        preview: np.ndarray | None = None,
     ) -> dict[int, np.ndarray]:
         """Record ``layer``'s routing; predict the next layers (module docstring).
 
@@ -215,6 +242,9 @@ class Predictor:
             Its selected experts.
         hidden : f32 ``[D]`` or ``[T, D]``, optional
             Residual stream entering the layer's MoE block (``mlp`` needs it).
+        preview : f32 ``[D]`` or ``[T, D]``, optional
+            The attention preview of layer ``layer+1`` (used when
+            :attr:`wants_preview`).
 
         Returns
         -------
@@ -231,6 +261,10 @@ class Predictor:
             raise ValueError(f"observe: experts {ex.tolist()} not in 0..{self.E - 1}")
         if hidden is not None:
             hidden = np.asarray(hidden, np.float32).reshape(ex.shape[0], -1)
+        pv = None
+        if preview is not None and self.wants_preview:
+            pv = np.asarray(preview, np.float32).reshape(ex.shape[0], -1)
+            pv = (pv @ self.arrays["projection"]).astype(np.float16)
         if layer <= self._layer:
             self._step.clear()
         self._layer = layer
@@ -247,7 +281,10 @@ class Predictor:
             if self._known[layer + d]:
                 prev[0, d - 1] = self._last[layer + d]
                 has_prev[0, d - 1] = True
-        scores = self._scores(layer, x, below, prev, has_prev, hidden) if A else None
+        scores = None
+        if A:
+            kw = {"preview": pv} if self.wants_preview else {}
+            scores = self._scores(layer, x, below, prev, has_prev, hidden, **kw)
         self._step[layer] = x
         self._last[layer] = x[-1]
         self._known[layer] = True
@@ -272,7 +309,9 @@ class Predictor:
         ``layer``, ``below`` the same at ``layer-1`` (None: unknown), ``prev``
         bool ``[T, A, E]`` the previous token at the targets where
         ``has_prev`` ``[T, A]``; ``sketch`` f32 ``[T, S]`` (and, for router-input
-        MLPs, ``lookahead`` ``[T, A, E]``) replace ``hidden``."""
+        MLPs, ``lookahead`` ``[T, A, E]``) replace ``hidden``; preview-input
+        MLPs take ``preview`` f16 ``[T, S]``, the preview's sketch (None: the
+        training mean)."""
         raise NotImplementedError
 
     def predict_trace(self, trace) -> np.ndarray:
@@ -297,6 +336,8 @@ class Predictor:
             kw = {}
             if getattr(self, "router_inputs", False):
                 kw["lookahead"] = trace_lookahead(trace, layer, A)
+            if self.wants_preview:
+                kw["preview"] = trace_preview(trace)[:, layer]
             s = self._scores(layer, X[:, layer], below, prev, known, None, sk, **kw)
             out[:, layer, :n] = s[:, :n]
         return out
@@ -391,18 +432,29 @@ class MLPPredictor(Predictor):
         prev: np.ndarray,
         has_prev: np.ndarray,
         lookahead: np.ndarray | None = None,
+        preview: np.ndarray | None = None,
     ) -> np.ndarray:
         """f32 ``[T, F]`` MLP input, F = S + 2E + A*E + A (+ A*E with router
-        inputs): standardised sketch ``[T, S]``, experts at ``layer`` and
-        ``layer-1``, the previous token's experts at the A targets and whether
-        it is known (and the router lookahead ``[T, A, E]``)."""
+        inputs, + S with preview inputs): standardised sketch ``[T, S]``,
+        experts at ``layer`` and ``layer-1``, the previous token's experts at
+        the A targets and whether it is known (and the router lookahead
+        ``[T, A, E]``; and the standardised preview sketch ``[T, S]``, zeros
+        when ``preview`` is None)."""
+        a = self.arrays
+        pv = None
+        if self.wants_preview:
+            pv = np.zeros_like(sketch)
+            if preview is not None:
+                pv = np.asarray(preview, np.float32) - a["preview_mu"][layer]
+                pv = pv / a["preview_sd"][layer]
         return mlp_inputs(
-            (sketch - self.arrays["mu"][layer]) / self.arrays["sd"][layer],
+            (sketch - a["mu"][layer]) / a["sd"][layer],
             x,
             below,
             prev,
             has_prev,
             lookahead,
+            pv,
         )
 
     @property
@@ -411,7 +463,16 @@ class MLPPredictor(Predictor):
         return bool(self.meta.get("router_inputs", False))
 
     def _scores(
-        self, layer, x, below, prev, has_prev, hidden, sketch=None, lookahead=None
+        self,
+        layer,
+        x,
+        below,
+        prev,
+        has_prev,
+        hidden,
+        sketch=None,
+        lookahead=None,
+        preview=None,
     ):
         if sketch is None or (self.router_inputs and lookahead is None):
             if hidden is None:
@@ -428,7 +489,7 @@ class MLPPredictor(Predictor):
                 self.arrays, layer, hidden, self.max_distance, eps
             )
         sketch = np.asarray(sketch, np.float32)
-        z = self.inputs(layer, sketch, x, below, prev, has_prev, lookahead)
+        z = self.inputs(layer, sketch, x, below, prev, has_prev, lookahead, preview)
         logits = mlp_forward(self.arrays, layer, z)[0]  # [T, A*E]
         return _sigmoid(logits).reshape(x.shape[0], self.max_distance, self.E)
 
@@ -440,17 +501,21 @@ def mlp_inputs(
     prev: np.ndarray,
     has_prev: np.ndarray,
     lookahead: np.ndarray | None = None,
+    preview: np.ndarray | None = None,
 ) -> np.ndarray:
     """f32 ``[T, F]``: ``sketch`` ``[T, S]`` (standardised), ``x`` ``[T, E]``,
     ``below`` ``[T, E]`` (zeros when None), ``prev`` ``[T, A, E]`` masked by
     ``has_prev`` ``[T, A]``, ``has_prev`` itself, then (router-input MLPs)
-    the router lookahead ``[T, A, E]`` (zeros past the last layer)."""
+    the router lookahead ``[T, A, E]`` (zeros past the last layer), then
+    (preview-input MLPs) the standardised preview sketch ``[T, S]``."""
     T = x.shape[0]
     b = np.zeros_like(x) if below is None else below
     p = prev & has_prev[:, :, None]
     parts = [sketch, x, b, p.reshape(T, -1), has_prev]
     if lookahead is not None:
         parts.append(lookahead.reshape(T, -1))
+    if preview is not None:
+        parts.append(preview)
     return np.concatenate(parts, axis=1, dtype=np.float32)
 
 
@@ -498,6 +563,20 @@ def trace_lookahead(trace, layer: int, max_distance: int) -> np.ndarray:
             f"trace with mer trace --lookahead {max_distance}"
         )
     return trace.lookahead[:, layer, :max_distance].astype(np.float32)
+
+
+def trace_preview(trace) -> np.ndarray:
+    """f16 ``[N, L, S]``: the sketch of the attention preview a trace recorded
+    (:class:`UsageError` if it recorded none)."""
+    from mer_cli.formats.trace import has_preview
+
+    if not has_preview(trace.meta):
+        raise UsageError(
+            f"{trace.path or 'trace'}: records no attention preview, which this "
+            "predictor takes: record the trace again with mer trace (--preview "
+            "is the default)"
+        )
+    return trace.preview_sketch
 
 
 PREDICTOR_CLASSES: dict[str, type[Predictor]] = {
@@ -551,6 +630,8 @@ def schema_of(kind: str, meta: dict[str, Any]) -> dict[str, tuple[str, tuple]]:
     schema = dict(SCHEMAS[kind])
     if kind == "mlp" and meta.get("router_inputs"):
         schema |= ROUTER_SCHEMA
+    if kind == "mlp" and meta.get("preview_inputs"):
+        schema |= PREVIEW_SCHEMA
     return schema
 
 
@@ -594,6 +675,12 @@ def _check_meta(meta: Any, where: str) -> None:
     ri = meta.get("router_inputs", False)
     if not isinstance(ri, bool):
         raise FormatError(f"{where}: router_inputs is {ri!r}, expected true or false")
+    pi = meta.get("preview_inputs", False)
+    if not isinstance(pi, bool) or (pi and meta["kind"] != "mlp"):
+        raise FormatError(
+            f"{where}: preview_inputs is {pi!r} for a {meta['kind']} predictor, "
+            "expected false (or true for an mlp)"
+        )
     eps = meta.get("rms_norm_eps")
     if ri and (not isinstance(eps, float) or not 0 < eps < 1):
         raise FormatError(
@@ -635,11 +722,13 @@ def _check_arrays(
             )
     if kind == "mlp":
         extra = A * E if meta.get("router_inputs") else 0
-        F = dims["S"] + 2 * E + A * E + A + extra
+        pv = dims["S"] if meta.get("preview_inputs") else 0
+        F = dims["S"] + 2 * E + A * E + A + extra + pv
         if dims["F"] != F:
             raise FormatError(
                 f"{where}: w1 has {dims['F']} inputs, expected S + 2E + A*E + A"
-                f"{' + A*E' if extra else ''} = {F}; train the predictor again"
+                f"{' + A*E' if extra else ''}{' + S' if pv else ''} = {F}; train "
+                "the predictor again"
             )
     if kind == "markov":
         for o in (1, 2):

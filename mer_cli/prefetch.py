@@ -454,7 +454,7 @@ def use_predictor(engine, predictor) -> None:
 
 
 def prefetch_hint(
-    engine, layer: int, x: np.ndarray, start: int
+    engine, layer: int, x: np.ndarray, start: int, cache: Any = None
 ) -> Callable[[np.ndarray], list[Any]] | None:
     """The hint callable ``moe_block`` calls with ``ids`` ``[T, K]`` once the
     demand reads of ``layer`` are queued; None when there is nothing to hint.
@@ -462,9 +462,13 @@ def prefetch_hint(
     ``x`` ``[T, D]`` f32 is the residual entering ``layer``'s MoE block;
     ``start`` the position of its first token (0: a new sequence). Decode
     hints (T = 1) go through the source throttle's compute gate of their kind:
-    skipped (None) while computing them does not pay.
+    skipped (None) while computing them does not pay. ``cache``: the
+    sequence's KV cache, given by ``Engine.forward``, whose layer ``layer+1``
+    has not run yet in this pass; with it, a predictor that
+    ``wants_preview`` gets the attention preview of layer ``layer+1``
+    (:func:`mer_cli.models.layers.attention_preview`) at decode steps.
     """
-    from mer_cli.models.layers import lookahead
+    from mer_cli.models.layers import attention_preview, lookahead
 
     if not getattr(engine.source, "prefetch_enabled", True):
         return None  # --no-prefetch: nothing is read ahead, nothing computed
@@ -499,7 +503,12 @@ def prefetch_hint(
             if gate is not None and gate.stale:  # steps were skipped
                 pred.reset()
                 gate.stale = False
-            out = observe(engine, pred, layer, ids, x, start)
+            pv = None
+            wants = getattr(pred, "wants_preview", False)
+            if cache is not None and nxt is not None and wants:
+                nw = engine.layers[nxt]
+                pv = attention_preview(engine.arch, nw, nxt, x, cache, start)
+            out = observe(engine, pred, layer, ids, x, start, pv)
             hints = predicted(pred, out, layer, L, CANDIDATES_PER_K * ids.shape[-1])
         if th is not None:
             th.hint_computed(kind, time.perf_counter() - t0)
@@ -530,11 +539,23 @@ def predicted(
 
 
 def observe(
-    engine, pred, layer: int, ids: np.ndarray, x: np.ndarray, start: int
+    engine,
+    pred,
+    layer: int,
+    ids: np.ndarray,
+    x: np.ndarray,
+    start: int,
+    preview: np.ndarray | None = None,
 ) -> dict[int, np.ndarray]:
-    """Feed the last token's routing at ``layer`` to ``pred`` (reset first at
+    """Feed the last token's routing at ``layer`` (and the attention preview
+    ``[T, D]`` of layer ``layer+1``, if computed) to ``pred`` (reset first at
     the start of a sequence); its ``{target_layer: scores [E]}``."""
     if layer == 0 and start == 0:
         pred.reset()
+    kw = {}
+    if preview is not None:
+        kw["preview"] = np.array(preview[-1], np.float32)
     # copies: the engine keeps using ids and x after the hint
-    return pred.observe(layer, np.array(ids[-1], np.int64), np.array(x[-1], np.float32))
+    return pred.observe(
+        layer, np.array(ids[-1], np.int64), np.array(x[-1], np.float32), **kw
+    )

@@ -314,7 +314,9 @@ class Engine:
             x = x + attention_block(
                 arch, w, K.rms_norm(x, w.attn_norm, eps), cache, i, start
             )
-            hint = None if self.resident_experts else prefetch_hint(self, i, x, start)
+            hint = None
+            if not self.resident_experts:
+                hint = prefetch_hint(self, i, x, start, cache)
             t0 = time.perf_counter()
             xn = K.rms_norm(x, w.ffn_norm, eps)
             y, e_ids, e_w = moe_block(arch, w, xn, i, self.source, hint)

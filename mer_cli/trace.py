@@ -27,10 +27,12 @@ from mer_cli.formats.trace import (
     DEFAULT_SKETCH_SEED,
     FORMAT,
     MAX_LOOKAHEAD,
+    PREVIEW_ARRAYS,
     VERSION,
     Trace,
     make_projection,
 )
+from mer_cli.models.layers import attention_preview
 
 
 class TraceRecorder:
@@ -47,6 +49,11 @@ class TraceRecorder:
     lookahead : int
         Router-lookahead distances to record (0..3): layer ``l+d``'s norm and
         router applied to the residual entering layer ``l``, ``d = 1..A``.
+    preview : bool
+        Also record the attention preview of layer ``l+1`` at every layer
+        ``l`` (:func:`mer_cli.models.layers.attention_preview`; it runs layer
+        ``l+1``'s attention once more, early, on the engine's KV cache, so the
+        engine must be a single-sequence :class:`~mer_cli.runtime.Engine`).
     """
 
     def __init__(
@@ -55,6 +62,7 @@ class TraceRecorder:
         sketch_dim: int = DEFAULT_SKETCH_DIM,
         seed: int = DEFAULT_SKETCH_SEED,
         lookahead: int = DEFAULT_LOOKAHEAD,
+        preview: bool = True,
     ) -> None:
         cfg = engine.cfg
         check_lookahead(lookahead)
@@ -74,12 +82,15 @@ class TraceRecorder:
             "sketch_seed": seed,
             "created_by": _created_by(),
             "lookahead_depth": lookahead,
+            "preview": preview,
         }
         self._parts: dict[str, list[np.ndarray]] = {
             n: [] for n in ("tokens", "positions", "prompt")
         }
         self._layers: dict[str, list[np.ndarray]] = {
-            n: [] for n in ("experts", "weights", "probs", "sketch", "lookahead")
+            n: []
+            for n in ("experts", "weights", "probs", "sketch", "lookahead")
+            + tuple(PREVIEW_ARRAYS)
         }
         self._prompt = -1
         engine.moe_hook = self
@@ -102,6 +113,9 @@ class TraceRecorder:
             self._layers["sketch"].append(np.empty((T, L, S), np.float16))
             A, E = self.depth, cfg.num_experts
             self._layers["lookahead"].append(np.zeros((T, L, A, E), np.float16))
+            if self.meta["preview"]:
+                self._layers["preview_sketch"].append(np.zeros((T, L, S), np.float16))
+                self._layers["preview_probs"].append(np.zeros((T, L, E), np.float16))
         i = ev.layer
         # the router logits again, as moe_block computed them (same kernel, input)
         router = self.engine.layers[i].router
@@ -115,6 +129,15 @@ class TraceRecorder:
             h = K.rms_norm(ev.residual, nxt.ffn_norm, cfg.rms_norm_eps)
             p = K.softmax(np.asarray(K.linear(nxt.router, h), np.float32))
             self._layers["lookahead"][-1][:, i, d - 1] = p
+        if self.meta["preview"] and i + 1 < L:
+            eng, nxt = self.engine, self.engine.layers[i + 1]
+            h = attention_preview(
+                eng.arch, nxt, i + 1, ev.residual, eng.cache, ev.start
+            )
+            self._layers["preview_sketch"][-1][:, i] = sketch(h, self.projection)
+            hn = K.rms_norm(h, nxt.ffn_norm, cfg.rms_norm_eps)
+            p = K.softmax(np.asarray(K.linear(nxt.router, hn), np.float32))
+            self._layers["preview_probs"][-1][:, i] = p
 
     def finish(self) -> Trace:
         """The trace of everything recorded so far (the engine stays hooked)."""
@@ -129,6 +152,8 @@ class TraceRecorder:
             "probs": (0, L, cfg.num_experts),
             "sketch": (0, L, S),
             "lookahead": (0, L, self.depth, cfg.num_experts),
+            "preview_sketch": (0, L, S),
+            "preview_probs": (0, L, cfg.num_experts),
         }
         dtypes = {"tokens": np.int32, "positions": np.int32, "prompt": np.int32}
         dtypes |= {"experts": np.int16}
@@ -140,6 +165,9 @@ class TraceRecorder:
                 arrays[name] = np.empty(empty[name], dtypes.get(name, np.float16))
         if not self.depth:
             del arrays["lookahead"]
+        if not self.meta["preview"]:
+            for name in PREVIEW_ARRAYS:
+                del arrays[name]
         return Trace(meta=dict(self.meta), projection=self.projection, **arrays)
 
 
@@ -167,6 +195,7 @@ def trace(
     sketch_dim: int = DEFAULT_SKETCH_DIM,
     seed: int = DEFAULT_SKETCH_SEED,
     lookahead: int = DEFAULT_LOOKAHEAD,
+    preview: bool = True,
     ram_budget: Any = None,
     ctx: int | None = None,
     threads: int | None = None,
@@ -185,6 +214,7 @@ def trace(
         prompts alone.
     sketch_dim, seed : the residual-stream projection's width and seed.
     lookahead : router-lookahead distances to record (0..3, see mer-trace(5)).
+    preview : record the attention preview (see mer-trace(5)).
     ram_budget : bytes or a size string for cached experts (streams above it).
     progress : show a tqdm bar (prompts) on stderr.
 
@@ -207,7 +237,7 @@ def trace(
         model, ctx=ctx, threads=threads, source=lambda st: open_source(st, plan)
     )
     try:
-        rec = TraceRecorder(engine, sketch_dim, seed, lookahead)
+        rec = TraceRecorder(engine, sketch_dim, seed, lookahead, preview)
         bar = None
         if progress:
             from tqdm import tqdm

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from mer_cli.errors import UsageError
-from mer_cli.formats.trace import Trace, lookahead_depth, merge
+from mer_cli.formats.trace import Trace, has_preview, lookahead_depth, merge
 from mer_cli.predictors import (
     FORMAT,
     MAX_DISTANCE,
@@ -42,10 +42,11 @@ from mer_cli.predictors import (
     multi_hot,
     set_codes,
     trace_lookahead,
+    trace_preview,
 )
 
 DEFAULT_BUDGETS = (0.10, 0.25, 0.50)
-KINDS = ("best", "markov", "mlp", "mlp+router")
+KINDS = ("best", "markov", "mlp", "mlp+router", "mlp+preview")
 
 # ======================================================================= data
 
@@ -201,11 +202,17 @@ def _logistic(f: np.ndarray, y: np.ndarray, l2: float = 1e-3) -> np.ndarray:
 
 
 def _mlp_data(
-    trace: Trace, A: int, mu: np.ndarray, sd: np.ndarray, router: bool = False
+    trace: Trace,
+    A: int,
+    mu: np.ndarray,
+    sd: np.ndarray,
+    router: bool = False,
+    preview: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Inputs f32 ``[L, N, F]``, targets f32 ``[L, N, A*E]`` and their mask
     (``l + d < L``) ``[L, 1, A*E]``, every token with its previous one known
-    (``router``: the trace's router lookahead is an input too)."""
+    (``router``: the trace's router lookahead is an input too; ``preview``
+    = (mean, sd) ``[L, S]``: the trace's preview sketch, standardised, too)."""
     L, E = trace.meta["num_layers"], trace.meta["num_experts"]
     X = multi_hot(trace.experts, E)
     N = X.shape[0]
@@ -225,7 +232,11 @@ def _mlp_data(
         below = X[:, layer - 1] if layer else None
         sk = (trace.sketch[:, layer].astype(np.float32) - mu[layer]) / sd[layer]
         look = trace_lookahead(trace, layer, A) if router else None
-        zs.append(mlp_inputs(sk, X[:, layer], below, prev, has, look))
+        pv = None
+        if preview is not None:
+            pv = trace_preview(trace)[:, layer].astype(np.float32)
+            pv = (pv - preview[0][layer]) / preview[1][layer]
+        zs.append(mlp_inputs(sk, X[:, layer], below, prev, has, look, pv))
         ys.append(y.reshape(N, A * E))
     return np.stack(zs), np.stack(ys).astype(np.float32), mask
 
@@ -243,6 +254,7 @@ def fit_mlp(
     patience: int = 8,
     seed: int = 0,
     routers: tuple[np.ndarray, np.ndarray, float] | None = None,
+    preview: bool = False,
     progress: bool = True,
 ) -> MLPPredictor:
     """Train the per-layer MLPs with Adam on binary cross-entropy.
@@ -253,7 +265,10 @@ def fit_mlp(
     ``routers`` = (f32 ``[L, E, D]`` routers, f32 ``[L, D]`` their norms'
     weights, the norm's eps) of the traced model makes the router lookahead
     an input (from the traces' ``lookahead`` member in training, computed
-    from the hidden state live); the weights go into the file.
+    from the hidden state live); the weights go into the file. ``preview``
+    makes the sketch of the attention preview an input (the traces'
+    ``preview_sketch`` member in training; :meth:`Predictor.observe`'s
+    ``preview`` live).
     """
     L, E = train.meta["num_layers"], train.meta["num_experts"]
     A = max_distance
@@ -262,7 +277,13 @@ def fit_mlp(
     sd = np.maximum(sk.std(0), 1e-3 * max(float(sk.std()), 1e-12))
     sd = np.maximum(sd, 1e-12)
     use_router = routers is not None
-    Z, Y, M = _mlp_data(train, A, mu, sd, use_router)
+    pv_norm = None
+    if preview:
+        pv = trace_preview(train).astype(np.float32)  # [N, L, S]
+        pv_sd = np.maximum(pv.std(0), 1e-3 * max(float(pv.std()), 1e-12))
+        pv_norm = (pv.mean(0), np.maximum(pv_sd, 1e-12))
+        del pv
+    Z, Y, M = _mlp_data(train, A, mu, sd, use_router, pv_norm)
     F = Z.shape[2]
     rng = np.random.default_rng(seed)
     w = {
@@ -272,7 +293,9 @@ def fit_mlp(
         "b2": _logit_of(Y.mean(1)),  # [L, A*E]: start from the base rates
     }
     w = {k: v.astype(np.float32) for k, v in w.items()}
-    vdata = _mlp_data(valid, A, mu, sd, use_router) if valid is not None else None
+    vdata = None
+    if valid is not None:
+        vdata = _mlp_data(valid, A, mu, sd, use_router, pv_norm)
     adam = {k: (np.zeros_like(v), np.zeros_like(v)) for k, v in w.items()}
     b1_, b2_, eps = 0.9, 0.999, 1e-8
     N = Z.shape[1]
@@ -323,6 +346,10 @@ def fit_mlp(
         arrays["router_norms"] = np.ascontiguousarray(routers[1], np.float32)
         meta["router_inputs"] = True
         meta["rms_norm_eps"] = float(routers[2])
+    if pv_norm is not None:
+        arrays["preview_mu"] = pv_norm[0].astype(np.float32)
+        arrays["preview_sd"] = pv_norm[1].astype(np.float32)
+        meta["preview_inputs"] = True
     meta["training"] |= {"hidden": hidden, "epochs": _epoch + 1, "valid_loss": best}
     if not np.isfinite(best):
         meta["training"]["valid_loss"] = None
@@ -565,6 +592,18 @@ def router_scores(test: Trace, A: int) -> np.ndarray | None:
     return out
 
 
+def preview_scores(test: Trace, A: int) -> np.ndarray | None:
+    """Layer ``l+1``'s router on the attention preview (the trace's
+    ``preview_probs``), f32 ``[N, L, A, E]`` with only ``d = 1`` filled
+    (None without a preview)."""
+    if not has_preview(test.meta):
+        return None
+    L, E = test.meta["num_layers"], test.meta["num_experts"]
+    out = np.zeros((test.num_tokens, L, A, E), np.float32)
+    out[:, :, 0] = test.preview_probs.astype(np.float32)
+    return out
+
+
 def train_predictor(
     traces: Sequence[str | os.PathLike],
     output: str | os.PathLike,
@@ -582,8 +621,14 @@ def train_predictor(
 ) -> Report:
     """Fit the Markov and MLP predictors on the training prompts of
     ``traces``, score every predictor on the held-out prompts, and save one
-    predictor to ``output`` (``kind``: ``markov``, ``mlp``, ``mlp+router`` or
-    ``best`` -- the highest held-out recall@K one layer ahead).
+    predictor to ``output`` (``kind``: ``markov``, ``mlp``, ``mlp+router``,
+    ``mlp+preview`` or ``best`` -- the highest held-out recall@K one layer
+    ahead).
+
+    Traces recorded with the attention preview (``mer trace``'s default) add
+    ``mlp+preview``, an MLP that also takes the preview's sketch, and the
+    training-free ``preview`` row (layer ``l+1``'s router on the preview,
+    one layer ahead only).
 
     With ``model`` (the store the traces were recorded from, traces recorded
     with router lookahead) a second MLP, ``mlp+router``, also takes the router
@@ -613,6 +658,11 @@ def train_predictor(
         raise UsageError(
             f"{traces[0]}: the model has 1 MoE layer; predictors guess later layers"
         )
+    if kind == "mlp+preview" and not has_preview(trace.meta):
+        raise UsageError(
+            f"--kind mlp+preview: {traces[0]} records no attention preview; "
+            "record the traces again with mer trace (--preview is the default)"
+        )
     A = min(max_distance, trace.meta["num_layers"] - 1)
     routers = load_routers(model, trace, A) if model is not None else None
     tr_mask, te_mask = split_by_prompt(trace, holdout, seed)
@@ -633,16 +683,28 @@ def train_predictor(
             fit, valid, max_distance=A, hidden=hidden, epochs=epochs, seed=seed,
             routers=routers, progress=progress,
         )  # fmt: skip
+    if has_preview(trace.meta) and kind in ("best", "mlp+preview"):
+        fitted["mlp+preview"] = fit_mlp(
+            fit, valid, max_distance=A, hidden=hidden, epochs=epochs, seed=seed,
+            preview=True, progress=progress,
+        )  # fmt: skip
     K, E = trace.meta["top_k"], trace.meta["num_experts"]
     scores: dict[str, np.ndarray] = {}
     router = router_scores(test, A)
     if router is not None:
         scores["router"] = router
+    preview = preview_scores(test, A)
+    if preview is not None:
+        scores["preview"] = preview
     scores["frequency"] = frequency_scores(train, test, A)
     for name, p in fitted.items():
         scores[name] = p.predict_trace(test)
     ks = [K] + ([2 * K] if 2 * K < E else [])
     quality = evaluate(test, scores, ks)
+    if preview is not None:  # one layer ahead only
+        for q in quality["preview"].values():
+            for m in q.values():
+                m[1:] = [float("nan")] * (len(m) - 1)
     if kind == "best":
         kind = max(fitted, key=lambda n: quality[n][K]["recall"][0])
     chosen = fitted[kind]
@@ -716,15 +778,18 @@ def format_report(r: Report) -> str:
         "",
     ]
     ks = sorted({int(k) for q in r.quality.values() for k in q})
-    head = f"{'predictor':<10} {'d':>2}"
+    head = f"{'predictor':<11} {'d':>2}"
     for k in ks:
         head += f" {f'recall@{k}':>10} {f'prec@{k}':>8}"
     lines.append(head)
     for name, q in r.quality.items():
         for d in range(1, r.max_distance + 1):
-            row = f"{name:<10} {d:>2}"
+            row = f"{name:<11} {d:>2}"
             for k in ks:
                 rec, prec = q[k]["recall"][d - 1], q[k]["precision"][d - 1]
+                if rec != rec:  # NaN: not measured at this distance
+                    row += f" {'-':>10} {'-':>8}"
+                    continue
                 row += f" {100 * rec:>9.1f}% {100 * prec:>7.1f}%"
             lines.append(row)
     lines += ["", f"(top-k = {K}; the saved predictor is {r.chosen}: {r.output})", ""]

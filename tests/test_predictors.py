@@ -200,6 +200,49 @@ def test_mlp_learns_planted_mapping():
     assert mlp.meta["training"]["epochs"] <= 40
 
 
+def with_preview(t: Trace, preview_sketch: np.ndarray) -> Trace:
+    """``t`` with an attention preview whose sketch is ``preview_sketch``
+    ``[N, L, S]`` (row L-1 zeroed, as traces record it)."""
+    pv = np.array(preview_sketch, np.float16)
+    pv[:, -1] = 0
+    E = t.meta["num_experts"]
+    t.meta["preview"] = True
+    t.preview_sketch = pv
+    t.preview_probs = np.full(t.probs.shape, 1 / E, np.float16)
+    t.check()
+    return t
+
+
+def test_mlp_preview_learns_planted_mapping():
+    """The next layer's expert is the argmax of the attention preview's first
+    E dims (sketch and routing random): only the preview MLP finds it."""
+    rng = np.random.default_rng(0)
+    P, T, L, E, S = 20, 40, 3, 4, 8
+    N = P * T
+    pv = rng.standard_normal((N, L, S))
+    ex = np.zeros((N, L, 1), np.int64)
+    ex[:, 0, 0] = rng.integers(0, E, N)
+    for layer in range(1, L):
+        ex[:, layer, 0] = pv[:, layer - 1, :E].argmax(-1)
+    t = with_preview(synthetic_trace(ex, prompts_of(P, T), E=E), pv)
+    train, test = (subset(t, m) for m in split_by_prompt(t, 0.2, 0))
+    assert test.preview_sketch.shape == (test.num_tokens, L, S)
+    fit, valid = (subset(train, m) for m in split_by_prompt(train, 0.15, 1))
+    kw = {"max_distance": 1, "hidden": 32, "epochs": 40, "progress": False}
+    mlp_pv = fit_mlp(fit, valid, preview=True, **kw)
+    assert mlp_pv.wants_preview and mlp_pv.meta["preview_inputs"] is True
+    rec_pv, _ = recall_precision(mlp_pv.predict_trace(test), test.experts, 1)
+    mlp = fit_mlp(fit, valid, **kw)
+    assert not mlp.wants_preview
+    rec, _ = recall_precision(mlp.predict_trace(test), test.experts, 1)
+    assert rec_pv[0] > 0.9
+    assert rec[0] < 0.5  # chance is 0.25
+    # a trace without the preview cannot feed it
+    plain = synthetic_trace(ex, prompts_of(P, T), E=E)
+    with pytest.raises(UsageError, match="records no attention preview"):
+        mlp_pv.predict_trace(plain)
+
+
 # -------------------------------------------------------------- evaluation
 
 
@@ -244,13 +287,17 @@ def test_observe_equals_predict_trace(tmp_path):
     """Live use (token by token, hidden states) gives the scores the offline
     evaluation used; reset() separates sequences."""
     t, routers = with_router_lookahead(chain_trace(P=6, T=12, L=4, E=6))
+    rng = np.random.default_rng(5)
+    t = with_preview(t, rng.standard_normal(t.sketch.shape))
     mk = fit_markov(t, 3)
     mlp = fit_mlp(t, None, max_distance=3, hidden=16, epochs=2, progress=False)
     mlpr = fit_mlp(t, None, max_distance=3, hidden=16, epochs=2, routers=routers,
                    progress=False)  # fmt: skip
+    mlpp = fit_mlp(t, None, max_distance=3, hidden=16, epochs=2, preview=True,
+                   progress=False)  # fmt: skip
     assert mlpr.router_inputs and not mlp.router_inputs
-    for pred in (mk, mlp, mlpr):
-        path = pred.save(tmp_path / f"{pred.kind}.npz")
+    for pred in (mk, mlp, mlpr, mlpp):
+        path = pred.save(tmp_path / f"{pred.kind}{pred.wants_preview}.npz")
         pred = load_predictor(path)
         full = pred.predict_trace(t)
         proj = pred.arrays["projection"] if pred.kind == "mlp" else None
@@ -258,10 +305,11 @@ def test_observe_equals_predict_trace(tmp_path):
             if t.positions[n] == 0:
                 pred.reset()
             for layer in range(4):
-                h = None
+                h = pv = None
                 if proj is not None:  # hidden whose projection is the sketch
                     h = t.sketch[n, layer].astype(np.float32) @ proj.T
-                out = pred.observe(layer, t.experts[n, layer], h)
+                    pv = t.preview_sketch[n, layer].astype(np.float32) @ proj.T
+                out = pred.observe(layer, t.experts[n, layer], h, preview=pv)
                 assert sorted(out) == list(range(layer + 1, min(layer + 4, 4)))
                 for target, s in out.items():
                     assert s.shape == (6,) and s.dtype == np.float32
@@ -343,6 +391,21 @@ def test_predictor_file_errors(tmp_path):
         load_predictor(tmp_path / "nope.npz")
     with np.load(path) as z:  # plain numpy reads it, no pickle
         assert json.loads(z["meta.json"].tobytes())["format"] == "mer-predictor"
+    # preview inputs: a flag of mlps only, and their members must be there
+    bad = _rewrite(path, tmp_path / "pk.npz", meta=dict(meta, preview_inputs=True))
+    with pytest.raises(FormatError, match="preview_inputs is True for a markov"):
+        load_predictor(bad)
+    t = with_preview(t, np.ones(t.sketch.shape))
+    kw = {"max_distance": 1, "hidden": 4, "epochs": 1, "progress": False}
+    mp = fit_mlp(t, None, preview=True, **kw).save(tmp_path / "mp.npz")
+    bad = _rewrite(mp, tmp_path / "pm.npz", drop=("preview_sd",))
+    with pytest.raises(FormatError, match="member preview_sd is missing"):
+        load_predictor(bad)
+    with np.load(mp) as z:
+        mmeta = json.loads(z["meta.json"].tobytes())
+    bad = _rewrite(mp, tmp_path / "pf.npz", meta=dict(mmeta, preview_inputs=False))
+    with pytest.raises(FormatError, match=r"w1 has \d+ inputs, expected S \+ 2E"):
+        load_predictor(bad)
 
 
 # ------------------------------------------------------ trace + simulation

@@ -196,6 +196,48 @@ def test_tokens_identical_to_resident_with_any_hints(store, resident, how):
         assert st["prefetch_hints"] == how
 
 
+def test_preview_predictor_live_equals_offline(store, resident, tmp_path):
+    """A predictor taking the attention preview, streamed: each decode step's
+    preview is the one the trace recorded at that token and layer, its scores
+    are the offline predict_trace scores, and the text is the resident one."""
+    from mer_cli.predictors import load_predictor
+    from mer_cli.trace import trace
+    from mer_cli.train_predictor import fit_mlp
+
+    text, _ = resident
+    t = trace(store, [PROMPT], tmp_path / "t.npz", max_tokens=N_TOKENS,
+              progress=False)  # fmt: skip
+    path = fit_mlp(t, None, max_distance=2, hidden=8, epochs=1, preview=True,
+                   progress=False).save(tmp_path / "p.npz")  # fmt: skip
+    pred = load_predictor(path, store)
+    offline = pred.predict_trace(t)  # [N, L, A, E]
+    proj = pred.arrays["projection"]
+    real = pred.observe
+    seen = []
+
+    def spy(layer, experts, hidden, preview=None):
+        out = real(layer, experts, hidden, preview=preview)
+        seen.append((pred.engine.pos, layer, preview, out))
+        return out
+
+    pred.observe = spy
+    got, st = run(store, pred, slots=9, unthrottled=True)
+    assert got == text and st["prefetch_hints"] == "mlp"
+    decode = [c for c in seen if c[2] is not None]
+    n_prompt = int((t.positions < t.positions[-1] - N_TOKENS + 2).sum())
+    # every decode step but the last layer's, which has no next layer
+    assert len(decode) == (N_TOKENS - 1) * (L - 1)
+    for pos, layer, preview, out in decode:
+        assert pos >= n_prompt
+        np.testing.assert_array_equal(
+            (preview @ proj).astype(np.float16), t.preview_sketch[pos, layer]
+        )
+        for target, s in out.items():
+            np.testing.assert_allclose(
+                s, offline[pos, layer, target - layer - 1], atol=1e-4
+            )
+
+
 def test_demand_read_overtakes_queued_prefetches(store):
     """One reader thread held on its first chunk: three prefetches queue, a
     demand read arrives, and it lands before every prefetch not yet started."""

@@ -154,9 +154,11 @@ def test_round_trip_and_plain_numpy(mixtral_trace, tmp_path):
     )
     fixed = t.projection.nbytes
     size = t.path.stat().st_size
-    A = t.meta["lookahead_depth"]
-    assert 0 <= size - fixed - t.num_tokens * bytes_per_token(L, E, K, S, A) < 4096
+    A, pv = t.meta["lookahead_depth"], t.meta["preview"]
+    per_token = bytes_per_token(L, E, K, S, A, pv)
+    assert 0 <= size - fixed - t.num_tokens * per_token < 4096
     assert bytes_per_token(32, 8, 2, 64) == 4876  # Mixtral, see mer-trace(5)
+    assert bytes_per_token(32, 8, 2, 64, 3, True) == 4876 + 1536 + 4608
 
 
 def test_merge(mixtral, mixtral_trace, tmp_path):
@@ -226,6 +228,57 @@ def test_load_errors(mixtral_trace, tmp_path):
         Trace.load(tmp_path / "x.npz")
 
 
+def test_preview_is_next_layers_input_when_the_moe_adds_nothing(
+    mixtral, mixtral_trace, tmp_path, monkeypatch
+):
+    """The attention preview of layer l+1 is exactly what layer l+1's MoE sees
+    when layer l's MoE adds nothing (an independent check: the engine's own
+    pass); with the real MoE it differs, and recording it perturbs nothing."""
+    import mer_cli.runtime as runtime
+
+    t = mixtral_trace
+    assert t.meta["preview"] is True and t.preview_sketch.shape == t.sketch.shape
+    assert not t.preview_sketch[:, -1].any() and not t.preview_probs[:, -1].any()
+    off = trace(mixtral, PROMPTS, tmp_path / "o.npz", max_tokens=N_NEW,
+                preview=False, progress=False)  # fmt: skip
+    assert off.meta["preview"] is False and off.preview_sketch is None
+    for name in ARRAYS:  # the preview's cache writes change nothing
+        np.testing.assert_array_equal(getattr(off, name), getattr(t, name))
+    assert not np.allclose(t.preview_sketch[:, 0], t.sketch[:, 1], atol=1e-2)
+    real = runtime.moe_block
+
+    def silent_layer0(arch, w, x, i, source, hint=None):
+        y, ids, wts = real(arch, w, x, i, source, hint)
+        return (np.zeros_like(y) if i == 0 else y), ids, wts
+
+    monkeypatch.setattr(runtime, "moe_block", silent_layer0)
+    z = trace(mixtral, PROMPTS, tmp_path / "z.npz", max_tokens=N_NEW, progress=False)
+    np.testing.assert_array_equal(z.preview_sketch[:, 0], z.sketch[:, 1])
+    np.testing.assert_array_equal(z.preview_probs[:, 0], z.probs[:, 1])
+
+
+def test_preview_members_optional_and_checked(mixtral_trace, tmp_path):
+    t = mixtral_trace
+    meta = {k: v for k, v in t.meta.items() if k != "preview"}
+    old = _rewrite(t, tmp_path / "old.npz", meta=meta,
+                   drop=("preview_sketch", "preview_probs"))  # fmt: skip
+    back = Trace.load(old)  # a trace from before the preview: no preview
+    assert back.preview_sketch is None and "preview" not in back.meta
+    m = merge([Trace.load(t.path), back])
+    assert m.meta["preview"] is False and m.preview_probs is None
+    m = merge([Trace.load(t.path), Trace.load(t.path)])
+    assert m.preview_sketch.shape[0] == 2 * t.num_tokens
+    bad = _rewrite(t, tmp_path / "m.npz", drop=("preview_probs",))
+    with pytest.raises(FormatError, match="preview_probs is missing but preview"):
+        Trace.load(bad)
+    bad = _rewrite(t, tmp_path / "s.npz", preview_sketch=t.preview_sketch[:, :, :3])
+    with pytest.raises(FormatError, match=r"preview_sketch is float16\[\d+, 2, 3\]"):
+        Trace.load(bad)
+    bad = _rewrite(t, tmp_path / "b.npz", meta=dict(t.meta, preview="yes"))
+    with pytest.raises(FormatError, match="preview is 'yes', expected true or false"):
+        Trace.load(bad)
+
+
 def test_cli_trace_and_generate_trace_out_agree(mixtral, tmp_path):
     (tmp_path / "p.txt").write_text(PROMPTS[0] + "\n")
     r = CliRunner().invoke(
@@ -242,7 +295,7 @@ def test_cli_trace_and_generate_trace_out_agree(mixtral, tmp_path):
     assert r.exit_code == 0, r.output
     a, g = Trace.load(tmp_path / "a.npz"), Trace.load(tmp_path / "g.npz")
     assert a.meta == g.meta and a.num_tokens > 3
-    for name in ARRAYS:
+    for name in [*ARRAYS, "preview_sketch", "preview_probs"]:
         np.testing.assert_array_equal(getattr(a, name), getattr(g, name))
 
 

@@ -75,7 +75,7 @@ def test_report_and_predictor(trace_file, tmp_path):
     # the table
     r = run(str(trace_file), "-o", str(out), "-q", "--kind", "mlp", "--epochs", "3")
     assert r.exit_code == 0, r.output
-    assert "markov      1     100.0%" in r.output
+    assert "markov       1     100.0%" in r.output
     assert "saved predictor is mlp" in r.output
     assert load_predictor(out).kind == "mlp"
 
@@ -142,7 +142,8 @@ def test_model_adds_router_input_mlp(tmp_path):
             "--kind", "mlp+router", "--epochs", "3")  # fmt: skip
     assert r.exit_code == 0, r.output
     rep = json.loads(r.output)
-    assert set(rep["quality"]) == {"router", "frequency", "markov", "mlp", "mlp+router"}
+    names = {"router", "preview", "frequency", "markov", "mlp", "mlp+router"}
+    assert set(rep["quality"]) == names
     assert "policy+mlp+router" in rep["hit_rates"][0]
     p = load_predictor(out, store)
     assert p.router_inputs and p.arrays["routers"].shape == (3, 4, 64)

@@ -52,6 +52,14 @@ import click
     "entering layer l (router lookahead, the predictor baseline); 0 to omit.",
 )
 @click.option(
+    "--preview/--no-preview",
+    default=True,
+    show_default=True,
+    help="Also record the attention preview: layer l+1's attention run early on "
+    "the hidden state entering layer l's MoE block, and l+1's router on it "
+    "(input of the mlp+preview predictor; costs one more attention per layer).",
+)
+@click.option(
     "--ram-budget",
     metavar="SIZE",
     help="DRAM for cached experts, e.g. 6GiB [default: config ram_budget, else "
@@ -78,6 +86,7 @@ def command(
     sketch_dim: int,
     seed: int,
     lookahead: int,
+    preview: bool,
     ram_budget: str | None,
     threads: int | None,
     ctx: int | None,
@@ -115,6 +124,7 @@ def command(
         sketch_dim=sketch_dim,
         seed=seed,
         lookahead=lookahead,
+        preview=preview,
         ram_budget=ram_budget,
         ctx=ctx,
         threads=cfg.threads if threads is None else threads,

@@ -48,7 +48,7 @@ def _budgets(ctx: click.Context, param: click.Parameter, value: str) -> list[flo
 )
 @click.option(
     "--kind",
-    type=click.Choice(["best", "markov", "mlp", "mlp+router"]),
+    type=click.Choice(["best", "markov", "mlp", "mlp+router", "mlp+preview"]),
     default="best",
     show_default=True,
     help="Predictor to save; best = highest held-out recall one layer ahead.",
@@ -113,7 +113,11 @@ def command(
     frequency, with the previous token's experts at the same layer) and a
     small MLP (hidden-state sketch and current experts to the experts of the
     next --distance layers) are fitted; with --model, a second MLP that also
-    takes the router lookahead (mlp+router). On the held-out prompts every
+    takes the router lookahead (mlp+router); on traces recorded with the
+    attention preview (mer trace's default), an MLP that also takes the
+    preview's sketch (mlp+preview: layer l+1's attention run on the hidden
+    state entering layer l's MoE block, computed live by mer generate
+    --predictor). On the held-out prompts every
     predictor -- and the router lookahead the trace recorded, the
     training-free baseline -- is scored by recall@k and precision@k per
     lookahead distance, and the expert requests are replayed at each of

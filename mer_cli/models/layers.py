@@ -240,6 +240,26 @@ def lookahead(
     return Lookahead(layer, chosen[order].tolist(), score[order].tolist())
 
 
+def attention_preview(
+    arch: Architecture,
+    nxt: LayerWeights,
+    layer: int,
+    x: np.ndarray,
+    cache: KVCache,
+    start: int,
+) -> np.ndarray:
+    """Layer ``layer``'s attention run early, on ``x`` ``[T, D]`` (the residual
+    entering the MoE block of the layer before): ``x + attention(norm(x))``
+    f32 ``[T, D]``, what layer ``layer``'s router would see if the MoE block
+    before it added nothing. Earlier positions attend with their real keys
+    and values; positions ``start..start+T-1`` of ``layer`` get keys and
+    values from ``x``, written into ``cache`` where the real ones land when
+    ``layer``'s attention runs (call it only before that, in the same pass).
+    """
+    h = K.rms_norm(x, nxt.attn_norm, arch.cfg.rms_norm_eps)
+    return x + attention_block(arch, nxt, h, cache, layer, start)
+
+
 def moe_block(
     arch: Architecture,
     w: LayerWeights,
