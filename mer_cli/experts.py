@@ -57,7 +57,10 @@ class ResidentExperts:
     flight, every extent's CRC-32 checked) into one slab pool. Copying out of
     the memory map instead faulted the file in 4 KiB pages on one thread and
     left a second copy in the page cache: a 8.9 GiB store took about 50 s and
-    peaked at 18 GiB RSS.
+    peaked at 18 GiB RSS. The pool is not pre-faulted (``populate=False``): the
+    reader threads fault its pages in while reads are in flight. Measured on
+    this VM, 48 extents of 94.5 MiB: pre-faulted 15.3 s + 2.8 s of reads, lazy
+    6.8 s in all.
     """
 
     def __init__(self, store: Store, preload: bool = True, threads: int = 0) -> None:
@@ -73,7 +76,9 @@ class ResidentExperts:
         from mer_cli.io.slabs import SlabPool
 
         store = self.store
-        self._pool = pool = SlabPool(store.extent_nbytes, len(store.experts))
+        self._pool = pool = SlabPool(
+            store.extent_nbytes, len(store.experts), populate=False
+        )
         with ExtentReader(store.file_paths, threads=threads or DEFAULT_THREADS) as r:
             reqs = [
                 r.submit(
