@@ -134,7 +134,7 @@ class ReplayDrafter:
 def child(cfg: dict) -> dict:
     from mer_cli.generate import Completion, GenerateOptions, generate, load
     from mer_cli.memory import peak_rss_bytes
-    from mer_cli.speculative import DraftModel
+    from mer_cli.speculative import DraftModel, DraftPolicy
     from mer_cli.streaming import StreamedExperts
 
     method = cfg["speculative"]
@@ -170,12 +170,16 @@ def child(cfg: dict) -> dict:
         drafter = ReplayDrafter(cfg["reference"], cfg["replay_miss"],
                                 eng.cfg.vocab_size)  # fmt: skip
     load_s = time.perf_counter() - t0
+    policy = None  # shared by the prompts, as in mer generate --prompts-file
+    if method:
+        policy = DraftPolicy(cfg["draft_tokens"], eng.cfg.num_experts, eng.cfg.top_k)
     per_prompt = []
     try:
         for i, p in enumerate(cfg["prompts"]):
             if method == "replay":
                 drafter.begin(i, len(tok.encode(p)))
-            c = Completion(eng, tok, p, options(cfg["tokens"]), drafter=drafter)
+            c = Completion(eng, tok, p, options(cfg["tokens"]), drafter=drafter,
+                           policy=policy)  # fmt: skip
             r = c.run()
             s = r.stats
             io = s.get("io") or {}

@@ -144,6 +144,11 @@ class Completion:
     drafter : DraftModel, optional
         The draft model for ``options.speculative == "draft"``
         (:mod:`mer_cli.speculative`); prompt lookup needs none.
+    policy : DraftPolicy, optional
+        What speculative decoding learned so far about acceptance and the cost
+        of a pass (``mer_cli.speculative.DraftPolicy``); share one across the
+        prompts of a run so each prompt starts from what the previous ones
+        measured. None: a fresh one.
     """
 
     def __init__(
@@ -154,6 +159,7 @@ class Completion:
         options: GenerateOptions,
         read_ceiling: Any = None,
         drafter: Any = None,
+        policy: Any = None,
     ):
         options.check()
         if options.speculative == "draft" and drafter is None:
@@ -163,6 +169,7 @@ class Completion:
         self.engine, self.tok, self.options = engine, tokenizer, options
         self.read_ceiling = read_ceiling
         self.drafter = drafter
+        self.policy = policy
         self.result = GenerateResult(prompt=prompt)
         self.tokens: list[int] = []  # generated ids (EOS excluded)
         self.started = False  # the prompt was accepted and generation began
@@ -208,6 +215,7 @@ class Completion:
                     draft_tokens=o.draft_tokens,
                     max_tokens=o.max_tokens,
                     stats=spec,
+                    policy=self.policy,
                 )
             else:
                 steps = _plain_tokens(eng, sampler, ids)
@@ -301,10 +309,17 @@ def generate_many(
     drafter: Any = None,
 ) -> Iterator[Completion]:
     """One :class:`Completion` per prompt, run one after another (iterate each
-    before taking the next)."""
+    before taking the next). Speculative runs share one draft policy, so the
+    acceptance and pass cost measured on earlier prompts carry over."""
     options = options or GenerateOptions()
+    policy = None
+    if options.speculative:
+        from mer_cli.speculative import DraftPolicy
+
+        cfg = engine.cfg
+        policy = DraftPolicy(options.draft_tokens, cfg.num_experts, cfg.top_k)
     for p in prompts:
-        yield Completion(engine, tokenizer, p, options, read_ceiling, drafter)
+        yield Completion(engine, tokenizer, p, options, read_ceiling, drafter, policy)
 
 
 def _io_snapshot(source) -> dict[str, float] | None:

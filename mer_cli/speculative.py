@@ -433,6 +433,7 @@ def speculative_greedy(
     draft_tokens: int,
     max_tokens: int,
     stats: SpeculativeStats,
+    policy: DraftPolicy | None = None,
 ) -> Iterator[int]:
     """Greedy tokens after ``prompt_ids``, exactly those of plain greedy
     decoding, produced with verified drafts.
@@ -451,6 +452,8 @@ def speculative_greedy(
         picks how many of the proposed ones are worth their experts' fetches.
     max_tokens : tokens the consumer will take at most.
     stats : updated in place.
+    policy : the draft policy to consult and update (shared across prompts by
+        :func:`mer_cli.generate.generate_many`); None: a fresh one.
 
     The drafter's time (a draft model's forward passes, its prompt included)
     is added to the engine's decode time, so ``decode_tok_s`` is what a user
@@ -463,7 +466,8 @@ def speculative_greedy(
     token = int(np.argmax(engine.prefill(context)))
     n = 0
     cfg = engine.cfg
-    policy = DraftPolicy(draft_tokens, cfg.num_experts, cfg.top_k)
+    if policy is None:
+        policy = DraftPolicy(draft_tokens, cfg.num_experts, cfg.top_k)
     one_pass = cfg.num_layers * cfg.top_k  # fetches of a one-token pass
     while True:
         context.append(token)

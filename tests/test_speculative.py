@@ -29,7 +29,7 @@ from mer_cli.cli import cli
 from mer_cli.config import Config
 from mer_cli.errors import UsageError
 from mer_cli.formats.store import Store
-from mer_cli.generate import GenerateOptions, generate, load
+from mer_cli.generate import GenerateOptions, generate, generate_many, load
 from mer_cli.quantize import quantize
 from mer_cli.sources import SourceOptions, open_source, plan_source
 from mer_cli.speculative import (
@@ -460,3 +460,26 @@ def test_missing_draft_tokenizer_is_a_clear_error(stores, tmp_path):
     )  # fmt: skip
     assert r.exit_code == 1, r.output
     assert "tokenizer.json" in r.output
+
+
+def test_prompts_of_a_run_share_one_draft_policy(stores):
+    """generate_many (mer generate --prompts-file) hands every prompt the same
+    DraftPolicy: what the first prompt measured is where the second starts, and
+    the output still equals plain greedy."""
+    eng, tok = load(stores["mixtral"], ctx=256)
+    drafter = DraftModel.open(stores["mixtral"], eng.store, ctx=256)
+    opts = GenerateOptions(max_tokens=20, speculative="draft", draft_tokens=4)
+    try:
+        done = []
+        for c in generate_many(eng, tok, PROMPTS[:2], opts, drafter=drafter):
+            c.run()
+            done.append((c, c.policy.p))
+    finally:
+        eng.close()
+        drafter.close()
+    (first, p_first), (second, p_second) = done
+    assert first.policy is second.policy
+    assert DraftPolicy.P_PRIOR < p_first < p_second  # all drafts were accepted
+    for c in (first, second):
+        ref = tokens_of(stores["mixtral"], c.result.prompt, 20)
+        assert c.result.completion == ref.completion

@@ -220,8 +220,11 @@ def command(
     --speculative (greedy only) drafts up to --draft-tokens tokens and checks
     them with the last token in one forward pass, which reads each routed
     expert once for all of them; drafts are kept while they equal the model's
-    own greedy choice, so the text is exactly that of plain decoding. --stats
-    and --json add the acceptance rate and tokens per forward pass.
+    own greedy choice, so the text is exactly that of plain decoding. How many
+    drafts a pass checks follows the acceptance and pass cost measured so far
+    (a pass fetches the union of its tokens' experts); with --prompts-file
+    each prompt starts from what the earlier ones measured. --stats and --json
+    add the acceptance rate and tokens per forward pass.
 
     --batch N decodes up to N prompts of --prompts-file together: each step runs
     one token of every prompt in flight, fetches the union of the experts they
