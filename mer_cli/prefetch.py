@@ -6,7 +6,10 @@ Hints. :func:`prefetch_hint` gives ``Engine.forward`` the callable that
 it applies the next layer's router to the hidden state (router lookahead);
 with a predictor (``mer generate --predictor PRED``) decode steps feed the
 routing just made to ``Predictor.observe`` and hint every layer it returns
-scores for (1..``max_distance`` ahead). Forward passes over several tokens
+scores for (1..``max_distance`` ahead); a predictor that ``wants_preview``
+(``mlp+preview``) also gets the attention preview of the next layer, computed
+here at decode steps (one more attention per layer, timed with the hint by
+the compute gate). Forward passes over several tokens
 (prefill) keep router lookahead, which sees every token; the predictor still
 observes the last token, so its state is right for the first decode step.
 
