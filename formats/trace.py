@@ -166,6 +166,25 @@ def make_projection(hidden: int, sketch: int, seed: int) -> np.ndarray:
     return (g / np.sqrt(sketch)).astype(np.float32)
 
 
+class Sketcher:
+    """The sketch of a projection ``[D, S]``: f32 residual ``[T, D]`` (or ``[D]``)
+    to ``residual @ projection`` in f32, rounded to f16 ``[T, S]``.
+
+    The product runs against a C-contiguous copy of the transposed projection
+    (``x @ pt.T``). numpy's ``x @ projection`` for one token is a BLAS
+    matrix-vector product along the projection's columns that OpenBLAS splits
+    over its threads; with the cores busy (the kernels, the reader) that took
+    4-8 ms at D = 4096, S = 128 against 0.02-0.1 ms for this form, and the
+    predictor computes one per layer of every decode step.
+    """
+
+    def __init__(self, projection: np.ndarray) -> None:
+        self.pt = np.ascontiguousarray(np.asarray(projection, np.float32).T)
+
+    def __call__(self, residual: np.ndarray) -> np.ndarray:
+        return (np.asarray(residual, np.float32) @ self.pt.T).astype(np.float16)
+
+
 @dataclass
 class Trace:
     """A routing trace in memory (see the module docstring for the members)."""

@@ -74,6 +74,7 @@ import numpy as np
 
 from mer_cli.errors import FormatError, UsageError
 from mer_cli.formats.npz import Kind, check_header, load_npz, save_npz
+from mer_cli.formats.trace import Sketcher
 
 FORMAT = "mer-predictor"
 VERSION = 1
@@ -205,11 +206,19 @@ class Predictor:
     def __init__(self, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
         self.meta = meta
         self.arrays = arrays
+        self._sketcher = None
         self.L = int(meta["num_layers"])
         self.E = int(meta["num_experts"])
         self.K = int(meta["top_k"])
         self.max_distance = int(meta["max_distance"])
         self.reset()
+
+    def sketch(self, hidden: np.ndarray) -> np.ndarray:
+        """f16 ``[T, S]`` sketch of the f32 residual ``[T, D]``, exactly as
+        ``mer trace`` records it (:class:`~mer_cli.formats.trace.Sketcher`)."""
+        if self._sketcher is None:
+            self._sketcher = Sketcher(self.arrays["projection"])
+        return self._sketcher(hidden)
 
     # ---------------------------------------------------------------- state
 
@@ -264,7 +273,7 @@ class Predictor:
         pv = None
         if preview is not None and self.wants_preview:
             pv = np.asarray(preview, np.float32).reshape(ex.shape[0], -1)
-            pv = (pv @ self.arrays["projection"]).astype(np.float16)
+            pv = self.sketch(pv)
         if layer <= self._layer:
             self._step.clear()
         self._layer = layer
@@ -481,8 +490,7 @@ class MLPPredictor(Predictor):
                     "the MoE block)"
                 )
         if sketch is None:
-            # as the trace stored it: f32 product rounded to f16
-            sketch = (hidden @ self.arrays["projection"]).astype(np.float16)
+            sketch = self.sketch(hidden)  # as the trace stored it
         if self.router_inputs and lookahead is None:
             eps = float(self.meta["rms_norm_eps"])
             lookahead = router_lookahead(

@@ -29,6 +29,7 @@ from mer_cli.formats.trace import (
     MAX_LOOKAHEAD,
     PREVIEW_ARRAYS,
     VERSION,
+    Sketcher,
     Trace,
     make_projection,
 )
@@ -69,6 +70,7 @@ class TraceRecorder:
         self.engine = engine
         self.depth = lookahead
         self.projection = make_projection(cfg.hidden_size, sketch_dim, seed)  # [D,S]
+        self.sketch = Sketcher(self.projection)
         self.meta: dict[str, Any] = {
             "format": FORMAT,
             "version": VERSION,
@@ -123,7 +125,7 @@ class TraceRecorder:
         self._layers["experts"][-1][:, i] = ev.ids
         self._layers["weights"][-1][:, i] = ev.weights
         self._layers["probs"][-1][:, i] = probs
-        self._layers["sketch"][-1][:, i] = sketch(ev.residual, self.projection)
+        self._layers["sketch"][-1][:, i] = self.sketch(ev.residual)
         for d in range(1, min(self.depth, L - 1 - i) + 1):
             nxt = self.engine.layers[i + d]
             h = K.rms_norm(ev.residual, nxt.ffn_norm, cfg.rms_norm_eps)
@@ -134,7 +136,7 @@ class TraceRecorder:
             h = attention_preview(
                 eng.arch, nxt, i + 1, ev.residual, eng.cache, ev.start
             )
-            self._layers["preview_sketch"][-1][:, i] = sketch(h, self.projection)
+            self._layers["preview_sketch"][-1][:, i] = self.sketch(h)
             hn = K.rms_norm(h, nxt.ffn_norm, cfg.rms_norm_eps)
             p = K.softmax(np.asarray(K.linear(nxt.router, hn), np.float32))
             self._layers["preview_probs"][-1][:, i] = p
@@ -178,12 +180,6 @@ def check_lookahead(depth: int) -> int:
             f"--lookahead {depth}: expected a whole number 0..{MAX_LOOKAHEAD}"
         )
     return depth
-
-
-def sketch(residual: np.ndarray, projection: np.ndarray) -> np.ndarray:
-    """f16 ``[T, S]`` sketch of the f32 residual stream ``[T, D]``:
-    ``residual @ projection`` in f32, rounded to f16."""
-    return (np.asarray(residual, np.float32) @ projection).astype(np.float16)
 
 
 def trace(
