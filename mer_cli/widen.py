@@ -50,7 +50,16 @@ from mer_cli.formats.store import Store, StoreWriter
 from mer_cli.models.config import ModelConfig
 
 # canonical dense names (see mer_cli.models.config) by how they are padded
-_PAD_COLS = ("embed", "lm_head", "q", "k", "v", "router", "shared.gate_up", "shared.gate")
+_PAD_COLS = (
+    "embed",
+    "lm_head",
+    "q",
+    "k",
+    "v",
+    "router",
+    "shared.gate_up",
+    "shared.gate",
+)
 _PAD_ROWS = ("o", "shared.down")
 _NORMS = ("final_norm", "attn_norm", "ffn_norm")
 _KEEP = ("q_bias", "k_bias", "v_bias", "q_norm", "k_norm")
