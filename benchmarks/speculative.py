@@ -83,12 +83,100 @@ PROMPTS = [
 # renamed, a class extended, a dict or list copied with a change, a test
 # method repeated): for a model trained on code, such as the built-in one
 CODE_PROMPTS = [
-    'def parse_header(line):\n    name, _, value = line.partition(":")\n    name = name.strip().lower()\n    value = value.strip()\n    if not name:\n        raise ValueError("empty header name")\n    return name, value\n\n\n# The same function, with line renamed to text:\n\ndef parse_header(text):\n',  # func
-    'class Point:\n    def __init__(self, x, y):\n        self.x = x\n        self.y = y\n\n    def __repr__(self):\n        return "Point(%r, %r)" % (self.x, self.y)\n\n    def __eq__(self, other):\n        return self.x == other.x and self.y == other.y\n\n\nclass Point3:\n    def __init__(self, x, y, z):\n        self.x = x\n        self.y = y\n',  # class
-    'DEFAULTS = {\n    "host": "localhost",\n    "port": 8080,\n    "workers": 4,\n    "timeout": 30,\n    "log_level": "info",\n    "debug": False,\n}\n\nTEST_DEFAULTS = {\n    "host": "localhost",\n    "port": 9090,\n',  # dict
-    '__all__ = [\n    "parse",\n    "parse_args",\n    "format_usage",\n    "format_help",\n    "print_usage",\n    "print_help",\n    "error",\n    "exit",\n]\n\n\n__all__ = [\n    "parse",\n',  # all
-    "def total(items):\n    result = 0\n    for item in items:\n        if item is None:\n            continue\n        result += item.price * item.count\n    return result\n\n\ndef total_weight(items):\n    result = 0\n    for item in items:\n        if item is None:\n            continue\n",  # loop
-    "    def test_add(self):\n        self.assertEqual(add(1, 2), 3)\n        self.assertEqual(add(0, 0), 0)\n        self.assertEqual(add(-1, 1), 0)\n\n    def test_sub(self):\n        self.assertEqual(sub(3, 2), 1)\n        self.assertEqual(sub(0, 0), 0)\n",  # tests
+    # func
+    """\
+def parse_header(line):
+    name, _, value = line.partition(":")
+    name = name.strip().lower()
+    value = value.strip()
+    if not name:
+        raise ValueError("empty header name")
+    return name, value
+
+
+# The same function, with line renamed to text:
+
+def parse_header(text):
+""",
+    # class
+    """\
+class Point:
+    def __init__(self, x, y):
+        self.x = x
+        self.y = y
+
+    def __repr__(self):
+        return "Point(%r, %r)" % (self.x, self.y)
+
+    def __eq__(self, other):
+        return self.x == other.x and self.y == other.y
+
+
+class Point3:
+    def __init__(self, x, y, z):
+        self.x = x
+        self.y = y
+""",
+    # dict
+    """\
+DEFAULTS = {
+    "host": "localhost",
+    "port": 8080,
+    "workers": 4,
+    "timeout": 30,
+    "log_level": "info",
+    "debug": False,
+}
+
+TEST_DEFAULTS = {
+    "host": "localhost",
+    "port": 9090,
+""",
+    # all
+    """\
+__all__ = [
+    "parse",
+    "parse_args",
+    "format_usage",
+    "format_help",
+    "print_usage",
+    "print_help",
+    "error",
+    "exit",
+]
+
+
+__all__ = [
+    "parse",
+""",
+    # loop
+    """\
+def total(items):
+    result = 0
+    for item in items:
+        if item is None:
+            continue
+        result += item.price * item.count
+    return result
+
+
+def total_weight(items):
+    result = 0
+    for item in items:
+        if item is None:
+            continue
+""",
+    # tests
+    """\
+    def test_add(self):
+        self.assertEqual(add(1, 2), 3)
+        self.assertEqual(add(0, 0), 0)
+        self.assertEqual(add(-1, 1), 0)
+
+    def test_sub(self):
+        self.assertEqual(sub(3, 2), 1)
+        self.assertEqual(sub(0, 0), 0)
+""",
 ]
 PROMPT_SETS = {"agent": PROMPTS, "code": CODE_PROMPTS}
 
