@@ -49,7 +49,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mer_cli.prefetch import PrefetchThrottle
+from mer_cli.prefetch import PrefetchThrottle, ranked
 
 EMPTY, LOADING, READY = 0, 1, 2
 NO_SLOT = -1
@@ -585,17 +585,10 @@ def _prefetch(
     """One hint as ``StreamedExperts._prefetch`` acts on it, nearest layer first."""
     L, E = c.L, c.E
     issued = 0
-    for target in sorted(pred, key=lambda t: (t - layer) % L):
-        if target == layer or not 0 <= target < L:
-            continue
-        scores = np.asarray(pred[target], np.float32).reshape(-1)
-        order = np.argsort(-scores, kind="stable")[:candidates]
-        order = order[scores[order] > 0]
-        if not len(order):
-            continue
+    for target, order, scores in ranked(pred, layer, L, candidates):
         dist = (target - layer) % L or L
         f = th.factor(dist, _KIND) if calibrate else 1.0
-        raw = [float(x) for x in scores[order]]
+        raw = [float(x) for x in scores]
         ids = [int(e) for e in order]
         probs = [min(1.0, max(0.0, x) * f) for x in raw]
         c.set_predictions(target, ids, probs)

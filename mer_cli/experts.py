@@ -63,15 +63,15 @@ class ResidentExperts:
     6.8 s in all.
     """
 
-    def __init__(self, store: Store, preload: bool = True, threads: int = 0) -> None:
+    def __init__(self, store: Store, preload: bool = True) -> None:
         self.store = store
         self._extents: dict[int, np.ndarray] = {}
         self._pool = None
         if preload and store.experts:
-            self._preload(threads)
+            self._preload()
         self.requests = 0
 
-    def _preload(self, threads: int) -> None:
+    def _preload(self) -> None:
         from mer_cli.io.reader import DEFAULT_THREADS, ExtentReader
         from mer_cli.io.slabs import SlabPool
 
@@ -79,7 +79,7 @@ class ResidentExperts:
         self._pool = pool = SlabPool(
             store.extent_nbytes, len(store.experts), populate=False
         )
-        with ExtentReader(store.file_paths, threads=threads or DEFAULT_THREADS) as r:
+        with ExtentReader(store.file_paths, threads=DEFAULT_THREADS) as r:
             reqs = [
                 r.submit(
                     e.file,

@@ -520,14 +520,14 @@ def prefetch_hint(
     return decode_hint
 
 
-def predicted(
-    pred, out: dict[int, np.ndarray], layer: int, L: int, n: int
-) -> list[Any]:
-    """A predictor's ``{target_layer: scores [E]}`` as hints, nearest first,
-    each with its ``n`` best experts of nonzero score."""
-    from mer_cli.models.layers import Lookahead
-
-    hints = []
+def ranked(
+    out: dict[int, Any], layer: int, L: int, n: int
+) -> list[tuple[int, np.ndarray, np.ndarray]]:
+    """``(target, experts, scores)`` of a predictor's ``{target_layer: scores
+    [E]}`` made at ``layer``, nearest target first, each with its ``n`` best
+    experts of nonzero score (best first); targets without one are left out.
+    The live hints and the cache simulation choose candidates with this."""
+    picked = []
     for target in sorted(out, key=lambda t: (t - layer) % L):
         if target == layer or not 0 <= target < L:
             continue
@@ -535,10 +535,20 @@ def predicted(
         order = np.argsort(-scores, kind="stable")[:n]
         order = order[scores[order] > 0]
         if len(order):
-            hints.append(
-                Lookahead(target, order.tolist(), scores[order].tolist(), pred.kind)
-            )
-    return hints
+            picked.append((target, order, scores[order]))
+    return picked
+
+
+def predicted(
+    pred, out: dict[int, np.ndarray], layer: int, L: int, n: int
+) -> list[Any]:
+    """A predictor's ``{target_layer: scores [E]}`` as hints (:func:`ranked`)."""
+    from mer_cli.models.layers import Lookahead
+
+    return [
+        Lookahead(target, ids.tolist(), scores.tolist(), pred.kind)
+        for target, ids, scores in ranked(out, layer, L, n)
+    ]
 
 
 def observe(

@@ -26,7 +26,8 @@ Quantized tensors are padded in their encoded form: q4/q8 groups run along
 columns (32 at a time) and ``D``, ``F`` are multiples of 32, so every original
 group keeps its exact bytes and scale, and the padding is whole groups of zeros
 (scale 0). The result differs from the source only by floating-point summation
-order in the kernels (tests check the greedy tokens agree).
+order in the kernels, and q8 activation roundings that order can flip
+(tests check the logits agree).
 
 What it costs and what it does not model: a widened expert is read and
 multiplied at full size (the kernels do not skip zeros), so I/O and expert
@@ -172,8 +173,6 @@ def widen_store(
 
     store = Store.open(src)
     cfg = store.model
-    if cfg.shared_expert_ffn and cfg.shared_expert_ffn % quant.GROUP:
-        raise UnsupportedError(f"{src}: shared expert width is not group aligned")
     new = widened_config(cfg, hidden, ffn)
     D, Dw, F, Fw = cfg.hidden_size, hidden, cfg.expert_ffn, ffn
     norm_scale = math.sqrt(D / Dw)

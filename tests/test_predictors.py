@@ -176,17 +176,24 @@ def test_markov_temporal_signal():
 # --------------------------------------------------------------------- mlp
 
 
-def test_mlp_learns_planted_mapping():
-    """The next layer's expert is the argmax of the current sketch's first E
-    dims (routing itself random): the MLP finds it, Markov cannot."""
-    rng = np.random.default_rng(0)
-    P, T, L, E, S = 20, 40, 3, 4, 8
+def planted(P: int, T: int, L: int, E: int, S: int, seed: int = 0):
+    """Random features ``[N, L, S]`` and top-1 experts ``[N, L, 1]``: layer 0's
+    random, layer l's the argmax of layer l-1's features' first E dims."""
+    rng = np.random.default_rng(seed)
     N = P * T
-    sk = rng.standard_normal((N, L, S))
+    feat = rng.standard_normal((N, L, S))
     ex = np.zeros((N, L, 1), np.int64)
     ex[:, 0, 0] = rng.integers(0, E, N)
     for layer in range(1, L):
-        ex[:, layer, 0] = sk[:, layer - 1, :E].argmax(-1)
+        ex[:, layer, 0] = feat[:, layer - 1, :E].argmax(-1)
+    return feat, ex
+
+
+def test_mlp_learns_planted_mapping():
+    """The next layer's expert is the argmax of the current sketch's first E
+    dims (routing itself random): the MLP finds it, Markov cannot."""
+    P, T, L, E, S = 20, 40, 3, 4, 8
+    sk, ex = planted(P, T, L, E, S)
     t = synthetic_trace(ex, prompts_of(P, T), sketch=sk, E=E)
     train, test = (subset(t, m) for m in split_by_prompt(t, 0.2, 0))
     fit, valid = (subset(train, m) for m in split_by_prompt(train, 0.15, 1))
@@ -216,14 +223,8 @@ def with_preview(t: Trace, preview_sketch: np.ndarray) -> Trace:
 def test_mlp_preview_learns_planted_mapping():
     """The next layer's expert is the argmax of the attention preview's first
     E dims (sketch and routing random): only the preview MLP finds it."""
-    rng = np.random.default_rng(0)
     P, T, L, E, S = 20, 40, 3, 4, 8
-    N = P * T
-    pv = rng.standard_normal((N, L, S))
-    ex = np.zeros((N, L, 1), np.int64)
-    ex[:, 0, 0] = rng.integers(0, E, N)
-    for layer in range(1, L):
-        ex[:, layer, 0] = pv[:, layer - 1, :E].argmax(-1)
+    pv, ex = planted(P, T, L, E, S)
     t = with_preview(synthetic_trace(ex, prompts_of(P, T), E=E), pv)
     train, test = (subset(t, m) for m in split_by_prompt(t, 0.2, 0))
     assert test.preview_sketch.shape == (test.num_tokens, L, S)

@@ -8,13 +8,13 @@ from click.testing import CliRunner
 
 from mer_cli import builtin
 from mer_cli.cli import cli
-from mer_cli.errors import FormatError, UsageError
+from mer_cli.errors import FormatError, UnsupportedError, UsageError
 from mer_cli.formats import quant
 from mer_cli.formats.store import Store
 from mer_cli.generate import load
 from mer_cli.hf_import import quantize_hf
 from mer_cli.predictors import load_predictor
-from mer_cli.widen import widen_predictor, widen_store
+from mer_cli.widen import _kind, widen_predictor, widen_store
 
 
 def logits(path, ids):
@@ -93,6 +93,13 @@ def test_widened_builtin_keeps_every_quantized_group(tmp_path):
     assert (a.argmax(-1) == b.argmax(-1)).mean() >= 0.9
 
 
+def test_widen_refuses_a_tensor_it_cannot_place():
+    with pytest.raises(UnsupportedError, match="'layers.0.mystery': widen does not"):
+        _kind("layers.0.mystery")
+    assert [_kind(n) for n in ("embed", "layers.3.o", "layers.1.ffn_norm")] == [
+        "cols", "rows", "norm"]  # fmt: skip
+
+
 def test_widen_refuses_bad_widths_and_existing_output(tmp_path, hf_checkpoint):
     src = quantize_hf(hf_checkpoint("mixtral"), tmp_path / "s.mer", progress=False)
     D = Store.open(src).model.hidden_size
@@ -126,6 +133,8 @@ def test_widened_predictor_scores_like_the_source(tmp_path):
     wpred = widen_predictor(pred, tmp_path / "wp.npz", out)
     a, b = load_predictor(pred, src), load_predictor(wpred, out)
     assert b.meta["hidden_size"] == 256
+    with pytest.raises(UsageError, match="width 128 is below the predictor's 256"):
+        widen_predictor(wpred, tmp_path / "x.npz", src)
     with pytest.raises(
         FormatError, match="hidden_size 256, but this model has hidden_size 128"
     ):
