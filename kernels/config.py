@@ -78,6 +78,24 @@ def get_threads() -> int:
     return numba.get_num_threads()
 
 
+def single_blas_thread() -> None:
+    """Keep numpy's BLAS (OpenBLAS, MKL, ...) on the calling thread, process-wide.
+
+    mer's heavy products are numba kernels on numba's thread pool; what numpy's
+    BLAS sees is small (attention at decode, norms, predictors, sketches). A
+    multi-threaded BLAS call leaves its workers spinning after it returns, on
+    the cores the kernels need, and none of that shows in the caller's timing:
+    streamed decode with the mlp+preview predictor on the widened store ran
+    at 0.84-0.89x prefetch-off with OpenBLAS's 2 threads and 1.03-1.09x with
+    one (same run, 2-core machine); train-predictor's batched MLP products took
+    60 ms with the threads against 0.65 ms without on a busy 2-core machine.
+    Called by ``Engine`` and the CLI.
+    """
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(limits=1, user_api="blas")
+
+
 # MER_THREADS caps the default (e.g. for benchmarks beside other work).
 if os.environ.get("MER_THREADS"):
     set_threads(int(os.environ["MER_THREADS"]))

@@ -105,5 +105,8 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 def main() -> None:
     import warnings
 
+    from mer_cli.kernels.config import single_blas_thread
+
     warnings.showwarning = _show_warning
+    single_blas_thread()
     cli(prog_name="mer")

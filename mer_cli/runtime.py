@@ -144,6 +144,7 @@ class Engine:
         self.store = store
         self.cfg = cfg = store.model
         self.arch = architecture(cfg)
+        K.config.single_blas_thread()
         if threads is not None:
             set_threads(threads)
         if ctx is None:

@@ -388,3 +388,29 @@ def test_ctrl_c_flushes_and_exits_130(store, many_prompts):
     # the prompt that was running reports what it had, marked interrupted
     assert lines[-1]["finish_reason"] in ("interrupted", "length", "context")
     assert "Interrupted." in err and "Traceback" not in err, err
+
+
+def test_engine_keeps_blas_on_one_thread(store):
+    """numpy's BLAS workers spin after a call, on the kernels' cores: the
+    engine sets BLAS to one thread (measured cost in kernels.config)."""
+    code = (
+        "import json, sys\n"
+        "from threadpoolctl import threadpool_info\n"
+        "from mer_cli.generate import load\n"
+        "def n(): return [i['num_threads'] for i in threadpool_info()"
+        " if i['user_api'] == 'blas']\n"
+        "before = n()\n"
+        "load(sys.argv[1])\n"
+        "print(json.dumps([before, n()]))\n"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", code, str(store)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OPENBLAS_NUM_THREADS": "2"},
+        timeout=120,
+    )
+    assert r.returncode == 0, r.stderr
+    before, after = json.loads(r.stdout)
+    assert 2 in before  # numpy's BLAS started with two threads
+    assert after == [1] * len(before)

@@ -2,14 +2,7 @@
 
 from __future__ import annotations
 
-import os
-
 import click
-
-# set before numpy loads: the MLP's matrices are small (batch x ~100 x 128),
-# and OpenBLAS threads cost far more than they bring on them (60 ms against
-# 0.65 ms per batched product on a busy 2-core machine)
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 
 def _budgets(ctx: click.Context, param: click.Parameter, value: str) -> list[float]:
