@@ -38,6 +38,9 @@ policy plus the prefetch reads a predictor's hints start through
 :class:`~mer_cli.prefetch.PrefetchThrottle`, counted as reads beside the hits
 (:class:`CacheRun`). Prefetch can beat MIN's hit rate -- MIN does not
 prefetch -- but only by reading more, which is why reads are reported too.
+The last two run compiled (:mod:`mer_cli.cache_sim`), counting exactly what
+their replays with the classes themselves (``_simulate_policy_reference``,
+``_simulate_prefetch_reference``) count.
 """
 
 from __future__ import annotations
@@ -46,10 +49,14 @@ import heapq
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from mer_cli.prefetch import PrefetchThrottle, ranked
+
+if TYPE_CHECKING:
+    from mer_cli.cache_sim import PolicyHints, PrefetchHints
 
 EMPTY, LOADING, READY = 0, 1, 2
 NO_SLOT = -1
@@ -334,7 +341,7 @@ def simulate_policy(
     slots: int,
     num_layers: int,
     num_experts: int,
-    predictions: Sequence[Mapping[int, np.ndarray] | None] | None = None,
+    predictions: Sequence[Mapping[int, np.ndarray] | None] | PolicyHints | None = None,
     **kw,
 ) -> float:
     """Hit rate of :class:`ExpertCache`'s three-signal eviction.
@@ -344,8 +351,62 @@ def simulate_policy(
     :meth:`ExpertCache.set_predictions` just before request ``i`` (after its
     layer visit began); without it the predicted signal stays 0. Predictions
     steer eviction only: nothing is read before it is asked for
-    (:func:`simulate_prefetch` models the prefetching controller).
+    (:func:`simulate_prefetch` models the prefetching controller). They may
+    come packed (:func:`mer_cli.cache_sim.policy_hints`), to reuse them
+    across cache sizes. ``kw``: :class:`ExpertCache`'s parameters.
+
+    Compiled (:mod:`mer_cli.cache_sim`); it counts exactly what the replay
+    with :class:`ExpertCache` itself, ``_simulate_policy_reference``, does.
     """
+    from mer_cli import cache_sim
+
+    c = ExpertCache(slots, num_layers, num_experts, **kw)
+    reqs = _keys(requests, num_layers, num_experts)
+    if predictions is not None and not isinstance(predictions, cache_sim.PolicyHints):
+        predictions = cache_sim.policy_hints(
+            predictions, len(reqs), num_layers, num_experts
+        )
+    if predictions is not None and (
+        len(predictions.ptr) != len(reqs) + 1
+        or (predictions.num_layers, predictions.num_experts)
+        != (num_layers, num_experts)
+    ):
+        raise ValueError(
+            f"predictions packed for {len(predictions.ptr) - 1} requests of "
+            f"{predictions.num_layers} x {predictions.num_experts} experts; "
+            f"replaying {len(reqs)} of {num_layers} x {num_experts}: pack them "
+            "for these requests"
+        )
+    hits = cache_sim.policy_run(reqs, slots, predictions, c)
+    return hits / len(reqs) if len(reqs) else 0.0
+
+
+def _keys(requests: Iterable[int], num_layers: int, num_experts: int) -> np.ndarray:
+    """int64 ``[n]`` cache keys, each checked to be in ``0..L*E-1``."""
+    reqs = np.asarray(
+        requests if isinstance(requests, np.ndarray | Sequence) else list(requests),
+        np.int64,
+    ).reshape(-1)
+    bad = np.flatnonzero((reqs < 0) | (reqs >= num_layers * num_experts))
+    if len(bad):
+        i = int(bad[0])
+        raise ValueError(
+            f"requests[{i}] = {int(reqs[i])}: expected a key layer * "
+            f"{num_experts} + expert in 0..{num_layers * num_experts - 1}"
+        )
+    return reqs
+
+
+def _simulate_policy_reference(
+    requests: Iterable[int],
+    slots: int,
+    num_layers: int,
+    num_experts: int,
+    predictions: Sequence[Mapping[int, np.ndarray] | None] | None = None,
+    **kw,
+) -> float:
+    """:func:`simulate_policy` replayed with :class:`ExpertCache` itself (the
+    reference its compiled replay is tested against)."""
     c = ExpertCache(slots, num_layers, num_experts, **kw)
     hits = n = 0
     group: set[int] = set()  # keys of the current fetch (one layer of one token)
@@ -450,7 +511,7 @@ def simulate_prefetch(
     slots: int,
     num_layers: int,
     num_experts: int,
-    predictions: Sequence[Mapping[int, np.ndarray] | None] | None,
+    predictions: Sequence[Mapping[int, np.ndarray] | None] | PrefetchHints | None,
     *,
     top_k: int,
     threshold: float = PREFETCH_THRESHOLD,
@@ -497,12 +558,83 @@ def simulate_prefetch(
     paging only (no hint). ``log``, when given, receives ``("visit", layer,
     keys)``, ``("hit", key, -1)``, ``("miss", key, evicted)`` and
     ``("prefetch", key, evicted)`` events (``evicted`` -1: an empty slot).
+    ``predictions`` may come packed (:func:`mer_cli.cache_sim.prefetch_hints`,
+    with the same ``top_k`` and ``candidates``), to reuse them across cache
+    sizes. ``kw``: :class:`ExpertCache`'s parameters.
+
+    Compiled (:mod:`mer_cli.cache_sim`); it counts (and logs) exactly what the
+    replay with :class:`ExpertCache` and the throttle class itself,
+    ``_simulate_prefetch_reference``, does.
 
     Returns
     -------
     CacheRun
         Demand hits and misses, prefetch reads (used, wasted, probes), tokens.
     """
+    from mer_cli import cache_sim
+
+    if top_k < 1:
+        raise ValueError(f"top_k {top_k}: expected at least 1")
+    depth = top_k if depth is None else depth
+    candidates = 2 * top_k if candidates is None else candidates
+    c = ExpertCache(slots, num_layers, num_experts, **kw)
+    reqs = np.asarray(requests, np.int64).reshape(-1)
+    full = len(reqs) // top_k * top_k
+    v = reqs[:full].reshape(-1, top_k)
+    tail = reqs[full:]
+    if (
+        (v // num_experts != v[:, :1] // num_experts).any()
+        or (np.diff(np.sort(v, axis=1), axis=1) == 0).any()
+        or (tail // num_experts != tail[:1] // num_experts).any()
+        or len(np.unique(tail)) < len(tail)
+    ):
+        for _ in _visits(requests, num_experts, top_k):  # raises, naming the visit
+            pass
+    reqs = _keys(reqs, num_layers, num_experts)
+    hints = predictions
+    if predictions is not None and not isinstance(predictions, cache_sim.PrefetchHints):
+        hints = cache_sim.prefetch_hints(
+            reqs, predictions, num_layers, num_experts, top_k, candidates
+        )
+    if hints is not None and (
+        hints.n,
+        hints.num_layers,
+        hints.num_experts,
+        hints.top_k,
+        hints.candidates,
+    ) != (len(reqs), num_layers, num_experts, top_k, candidates):
+        raise ValueError(
+            f"hints packed for {hints.n} requests of {hints.num_layers} x "
+            f"{hints.num_experts} experts, top_k {hints.top_k}, "
+            f"{hints.candidates} candidates; replaying {len(reqs)} of "
+            f"{num_layers} x {num_experts}, top_k {top_k}, {candidates} "
+            "candidates: pack them with these"
+        )
+    out = cache_sim.prefetch_run(
+        reqs, slots, hints, c, top_k=top_k, threshold=threshold, depth=depth,
+        calibrate=calibrate, log=log,
+    )  # fmt: skip
+    return CacheRun(*(int(x) for x in out))
+
+
+def _simulate_prefetch_reference(
+    requests: Sequence[int],
+    slots: int,
+    num_layers: int,
+    num_experts: int,
+    predictions: Sequence[Mapping[int, np.ndarray] | None] | None,
+    *,
+    top_k: int,
+    threshold: float = PREFETCH_THRESHOLD,
+    depth: int | None = None,
+    candidates: int | None = None,
+    calibrate: bool = True,
+    log: list | None = None,
+    **kw,
+) -> CacheRun:
+    """:func:`simulate_prefetch` replayed with :class:`ExpertCache` and
+    :class:`_FixedThrottle` themselves (the reference its compiled replay is
+    tested against)."""
     if top_k < 1:
         raise ValueError(f"top_k {top_k}: expected at least 1")
     depth = top_k if depth is None else depth

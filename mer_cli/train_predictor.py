@@ -482,6 +482,7 @@ def hit_rates(
         simulate_policy,
         simulate_prefetch,
     )
+    from mer_cli.cache_sim import policy_hints, prefetch_hints
 
     if threshold is None:
         threshold = PREFETCH_THRESHOLD
@@ -489,6 +490,14 @@ def hit_rates(
     reqs = requests_of(experts, num_experts).tolist()
     n = len(reqs)
     preds = {name: predictions_of(s, K) for name, s in predicted.items()}
+    # packed once, replayed at every budget
+    packed = {
+        name: (
+            policy_hints(p, n, L, num_experts),
+            prefetch_hints(reqs, p, L, num_experts, K),
+        )
+        for name, p in preds.items()
+    }
     rows = []
     bar = None
     if progress:
@@ -510,14 +519,14 @@ def hit_rates(
             ("lru", simulate_lru, (reqs, slots)),
             ("policy", simulate_policy, (reqs, slots, L, num_experts)),
         ]
-        for name, p in preds.items():
+        for name, (p, _) in packed.items():
             args = (reqs, slots, L, num_experts, p)
             demand.append((f"policy+{name}", simulate_policy, args))
         for name, fn, args in demand:
             row[name] = fn(*args)
             reads[name] = (1 - row[name]) * n / N if N else 0.0
             tick()
-        for name, p in preds.items():
+        for name, (_, p) in packed.items():
             run = simulate_prefetch(
                 reqs, slots, L, num_experts, p, top_k=K, threshold=threshold
             )
