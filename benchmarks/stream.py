@@ -23,6 +23,13 @@ is charged there). Configurations:
     One per ``--predictor PRED`` (KIND = the predictor's kind, ``markov`` or
     ``mlp``): prefetches ranked by the predictor (``mer generate --predictor``),
     throttled by live precision like the lookahead ones.
+``stream-wrong``, ``stream-wrong-free``
+    With ``--wrong-predictor PRED``: PRED's scores given to the wrong experts
+    (a fixed random permutation of each layer's experts, so the confidence
+    stays and the hints point elsewhere), with the throttle, and without it
+    (every candidate read, hints always computed, no trial): a predictor that
+    can only cost, to show that the throttle turns it off by itself and what
+    it would cost otherwise.
 ``mmap``
     The naive baseline: the same store through its memory map
     (``ResidentExperts(preload=False)``), i.e. page-cache demand paging.
@@ -44,7 +51,9 @@ A second table compares the prefetch configurations with prefetch off:
 decode tok/s and its ratio to ``stream-noprefetch`` of the same round, bytes
 read per token, hit rate, and what the throttle did (reads issued, probes,
 candidates skipped because the benefit was below the cost or for lack of spare
-bandwidth, live precision, share of hinted experts used, final state).
+bandwidth, live precision, share of hinted experts used, final state, and the
+trial's verdict with the speed-up it measured: decode token time with prefetch
+off / with it on, over alternating windows of the same run).
 ``--repeat N`` runs the streamed configurations N times in rotated order, so
 the spread of the prefetch-off runs shows the noise.
 
@@ -130,7 +139,16 @@ def child_mer(cfg: dict) -> dict:
         from mer_cli.predictors import load_predictor
         from mer_cli.prefetch import use_predictor
 
-        use_predictor(eng, load_predictor(cfg["predictor"], eng.store))
+        pred = load_predictor(cfg["predictor"], eng.store)
+        if cfg.get("wrong"):
+            pred = Misdirected(pred, seed=0)
+        use_predictor(eng, pred)
+        if cfg.get("free"):  # the counterfactual: no throttle, no trial
+            th = eng.source.throttle
+            th.factor = lambda distance, kind: 1.0
+            th.decide = lambda p, room: "issue"
+            th.hint_computed = lambda kind, seconds: None
+            th.trial.step = lambda tokens, now: None
     load_s = time.perf_counter() - t_load
     try:
         c = Completion(
@@ -173,6 +191,31 @@ def child_mer(cfg: dict) -> dict:
         "proc_read_bytes_decode": rb2 - rb1,
         "peak_rss_bytes": peak_rss_bytes(),
     }
+
+
+class Misdirected:
+    """``pred`` with each target layer's scores given to other experts (a fixed
+    random permutation per layer): as confident as ``pred``, almost never
+    right. Everything else is ``pred``'s."""
+
+    def __init__(self, pred, seed: int) -> None:
+        import numpy as np
+
+        self.pred, self.kind = pred, "wrong"
+        rng = np.random.default_rng(seed)
+        self.perm = []
+        for _ in range(pred.L):  # a cycle through all experts: none keeps its own
+            order = rng.permutation(pred.E)
+            perm = np.empty(pred.E, np.int64)
+            perm[order] = np.roll(order, -1)
+            self.perm.append(perm)
+
+    def __getattr__(self, name):
+        return getattr(self.pred, name)
+
+    def observe(self, layer, experts, hidden, **kw):
+        out = self.pred.observe(layer, experts, hidden, **kw)
+        return {t: s[self.perm[t]] for t, s in out.items()}
 
 
 def child_llama(cfg: dict) -> dict:
@@ -494,6 +537,12 @@ def main() -> None:
         help="also stream with prefetches ranked by this predictor (repeatable)",
     )
     ap.add_argument(
+        "--wrong-predictor",
+        metavar="PRED",
+        help="also stream with PRED's scores misdirected to other experts, with "
+        "and without the throttle (stream-wrong, stream-wrong-free)",
+    )
+    ap.add_argument(
         "--repeat",
         type=int,
         default=1,
@@ -517,6 +566,9 @@ def main() -> None:
         )
     store = Store.open(args.store)
     pred_kinds = predictor_kinds(args.predictor, store)
+    wrong = (
+        predictor_kinds([args.wrong_predictor], store) if args.wrong_predictor else []
+    )
     limit = parse_size(args.limit, what="--limit")
     chunk = parse_size(args.chunk, what="--chunk")
     cfg = store.model
@@ -604,6 +656,12 @@ def main() -> None:
             streamed.append(
                 {**base, "mode": "stream-pred", "name": kind, "predictor": path}
             )
+        for path, _ in wrong:
+            for name, free in (("stream-wrong", False), ("stream-wrong-free", True)):
+                streamed.append(
+                    {**base, "mode": "stream-pred", "name": name, "predictor": path,
+                     "wrong": True, "free": free}
+                )  # fmt: skip
         others = [{**base, "mode": "mmap", "name": "mmap"}]
         if args.gguf:
             others.append(
@@ -672,7 +730,7 @@ def report_prefetch(results: list[dict], extent_nbytes: int) -> None:
     head = (
         f"{'config':18} {'round':>5} {'tok/s':>7} {'vs off':>6} {'GB/tok':>7} "
         f"{'hit':>5} {'issued':>6} {'probes':>6} {'skip b':>6} {'skip bw':>7} "
-        f"{'precis':>6} {'used':>14} {'state':>5} {'hints run':>9}"
+        f"{'precis':>6} {'used':>14} {'state':>5} {'hints run':>9} {'trial':>10}"
     )
     print(head)
     print("-" * len(head))
@@ -696,6 +754,10 @@ def report_prefetch(results: list[dict], extent_nbytes: int) -> None:
         n_run = gate.get("hints_computed", 0)
         n_all = n_run + gate.get("hints_skipped", 0)
         run = f"{100 * n_run / n_all:.0f}%" if n_all else "-"
+        tr = th.get("trial") or {}
+        trial = "-"
+        if on and tr.get("speedup") and r.get("config") != "stream-wrong-free":
+            trial = f"{tr['verdict'][:4]} {tr['speedup']:.2f}"
         print(
             f"{r['config']:18} {r['round'] + 1:>5} {fmt(tps, '.3f'):>7} "
             f"{fmt(ratio, '.2f'):>6} {fmt(gb_tok, '.3f'):>7} "
@@ -704,7 +766,8 @@ def report_prefetch(results: list[dict], extent_nbytes: int) -> None:
             f"{th.get('skipped_benefit', 0) if on else '-':>6} "
             f"{th.get('skipped_bandwidth', 0) if on else '-':>7} "
             f"{fmt(th.get('live_precision') and 100 * th['live_precision'], '.0f', '%'):>6} "
-            f"{used or '-':>14} {th.get('state', '-') if on else '-':>5} {run:>9}"
+            f"{used or '-':>14} {th.get('state', '-') if on else '-':>5} {run:>9} "
+            f"{trial:>10}"
         )  # fmt: skip
     spread = [r.get("decode_tok_s") for r in off.values() if r.get("decode_tok_s")]
     if len(spread) > 1:
@@ -721,7 +784,9 @@ def report_prefetch(results: list[dict], extent_nbytes: int) -> None:
         "spare bandwidth; precis: issued prefetches used; used: hinted experts "
         "used, per hint kind (prefill hints are router lookahead); hints run: "
         "decode hints computed (the rest skipped while computing them did not "
-        "pay for itself)"
+        "pay for itself, or in the trial's off windows); trial: its verdict "
+        "(on, off, meas[uring]) and measured speed-up, token time off / on over "
+        "its alternating windows"
     )
 
 

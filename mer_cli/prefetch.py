@@ -51,7 +51,13 @@ time it is expected to cost. Nothing is left for the user to tune:
   gate (:class:`_Gate`) compares the stall its used prefetches saved with the
   time spent computing and acting on the hints, and while they do not pay,
   computes them only in rare probe windows (the predictor is reset before
-  one, its state being stale).
+  one, its state being stale);
+* **trial**: whatever the rule lets through, decode itself decides
+  (:class:`_Trial`): windows of a few decode tokens alternate between
+  prefetch allowed and not, and prefetch stays on only while the "on"
+  windows are measured faster, with a checking pair now and then. This catches
+  the costs no per-read formula sees (reads slowing the compute threads on a
+  small machine, a drive that queues badly).
 
 Demand reads win regardless: the reader (:mod:`mer_cli.io.reader`) starts no
 prefetch chunk while a demand chunk is queued, a prefetch the compute needs is
@@ -75,6 +81,10 @@ OFF_AFTER = 8  # refusals in a row after which the throttle reports "off"
 EMA = 0.05  # weight of one layer in the stall share and compute gap averages
 MAX_DISTANCE = 3  # lookahead distances calibrated separately (further: pooled)
 CANDIDATES_PER_K = 2  # a predictor's candidates per target layer: 2 x top-k
+TRIAL_TOKENS = 4  # decode tokens per trial window
+TRIAL_PAIRS = 8  # on/off pairs of windows measured before the first verdict
+TRIAL_EVERY = 8  # after it: a checking pair after this many verdict windows
+TRIAL_MEMORY = 16  # pairs the verdict averages
 
 
 class _Window:
@@ -175,6 +185,88 @@ class _Gate:
         }
 
 
+class _Trial:
+    """Whether prefetching makes decode faster, measured on the decode itself.
+
+    The throttle's rule weighs what it can see per read (use, stall per miss,
+    drive busy time); a machine adds costs it cannot see. On the 2-core
+    development VM, reads that overlap compute slow the kernels (its DMA goes
+    through software bounce buffers, and a preempted numba worker holds up
+    its whole parallel region): prefetch with every hint kind ran at
+    0.74-0.93x of prefetch off there while the rule let its reads through.
+    The trial has the last word. Single-token forward passes are grouped in
+    windows of ``TRIAL_TOKENS``, run with prefetch allowed (hints computed,
+    reads issued) or not (nothing computed or read), in pairs whose order
+    alternates (on-off, off-on) so that drift cancels; each pair gives the
+    difference of mean token time, on minus off. After ``TRIAL_PAIRS`` pairs
+    prefetch stays allowed only while the mean difference over the last
+    ``TRIAL_MEMORY`` pairs is negative, and a checking pair after every
+    ``TRIAL_EVERY`` verdict windows keeps measuring, so the verdict follows
+    the run. Passes of several tokens (prefill, speculative checks, batches)
+    are not timed and do not end a window.
+    """
+
+    def __init__(self) -> None:
+        self.allowed = True  # the current window's arm
+        self._mark: float | None = None  # start of the previous timed pass
+        self._times: list[float] = []  # token times of the current window
+        self._plan: deque[bool] = deque([False])  # arms left in this pair
+        self._pair: dict[bool, float] = {}  # arm -> mean token time, this pair
+        self.pairs: deque[tuple[float, float]] = deque(maxlen=TRIAL_MEMORY)
+        self.n_pairs = 0
+        self._since_check = 0
+
+    @property
+    def verdict(self) -> bool | None:
+        """Prefetch pays (True), does not (False), or still measuring (None)."""
+        if self.n_pairs < TRIAL_PAIRS:
+            return None
+        return sum(on - off for on, off in self.pairs) < 0
+
+    def step(self, tokens: int, now: float) -> None:
+        """A forward pass over ``tokens`` tokens starts at ``now``."""
+        if tokens != 1:
+            self._mark = None  # its time is not a decode token's
+            return
+        if self._mark is not None:
+            self._times.append(now - self._mark)
+        self._mark = now
+        if len(self._times) < TRIAL_TOKENS:
+            return
+        mean = sum(self._times) / len(self._times)
+        self._times.clear()
+        if self._pair or self._plan:  # this window was half of a pair
+            self._pair[self.allowed] = mean
+            if len(self._pair) == 2:
+                self.pairs.append((self._pair[True], self._pair[False]))
+                self.n_pairs += 1
+                self._pair = {}
+        if not self._plan:
+            verdict = self.verdict
+            if verdict is None or self._since_check >= TRIAL_EVERY:
+                first = self.n_pairs % 2 == 0  # on-off, then off-on, ...
+                self._plan.extend([first, not first])
+                self._since_check = 0
+            else:
+                self._since_check += 1
+                self.allowed = verdict
+                return
+        self.allowed = self._plan.popleft()
+
+    def stats(self) -> dict[str, Any]:
+        n = len(self.pairs)
+        on = sum(p[0] for p in self.pairs) / n if n else None
+        off = sum(p[1] for p in self.pairs) / n if n else None
+        v = self.verdict
+        return {
+            "verdict": "measuring" if v is None else "on" if v else "off",
+            "pairs": self.n_pairs,
+            "on_ms_per_token": None if on is None else round(1000 * on, 3),
+            "off_ms_per_token": None if off is None else round(1000 * off, 3),
+            "speedup": None if not on else round(off / on, 4),
+        }
+
+
 class PrefetchThrottle:
     """Live calibration, precision and bandwidth state behind prefetch decisions.
 
@@ -204,6 +296,7 @@ class PrefetchThrottle:
         self._shadow: dict[tuple[str, int], _Window] = {}
         self._issued = _Window(window)
         self._gates: dict[str, _Gate] = {}
+        self.trial = _Trial()
         self._hint_time: dict[str, float] = {}  # acting on hints, per kind
         # candidates awaiting their layer: layer -> (kind, distance) -> scores
         self._pending: dict[int, dict[tuple[str, int], dict[int, float]]] = {}
@@ -441,6 +534,7 @@ class PrefetchThrottle:
             "read_s_per_extent": r4(self.read_seconds),
             "realized_factor": r4(self.realized),
             "hint_gates": {k: g.stats() for k, g in self._gates.items()},
+            "trial": self.trial.stats(),
         }
 
 
@@ -478,6 +572,9 @@ def prefetch_hint(
     pred = getattr(engine, "predictor", None)
     L = engine.cfg.num_layers
     T = x.shape[0]
+    th = getattr(engine.source, "throttle", None)
+    if layer == 0 and th is not None:
+        th.trial.step(T, time.perf_counter())
     nxt = layer + 1 if layer + 1 < L else None
     if T > 1:  # prefill: router lookahead over every token
 
@@ -491,10 +588,13 @@ def prefetch_hint(
         return prefill_hint if pred is not None or nxt is not None else None
 
     kind = pred.kind if pred is not None else "lookahead"
+    gate = th.gate(kind) if th is not None else None
+    if th is not None and not th.trial.allowed:  # an off window of the trial
+        if gate is not None:
+            gate.stale = True
+        return None
     if pred is None and nxt is None:
         return None
-    th = getattr(engine.source, "throttle", None)
-    gate = th.gate(kind) if th is not None else None
     if gate is not None and not gate.wanted():
         return None
 

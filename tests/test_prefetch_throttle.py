@@ -22,7 +22,16 @@ from mer_cli.formats.trace import Sketcher
 from mer_cli.generate import Completion, GenerateOptions, load
 from mer_cli.io.reader import ExtentReader
 from mer_cli.io.slabs import SlabPool
-from mer_cli.prefetch import PROBE_EVERY, PrefetchThrottle, use_predictor
+from mer_cli.prefetch import (
+    PROBE_EVERY,
+    TRIAL_EVERY,
+    TRIAL_MEMORY,
+    TRIAL_PAIRS,
+    TRIAL_TOKENS,
+    PrefetchThrottle,
+    _Trial,
+    use_predictor,
+)
 from mer_cli.streaming import StreamedExperts
 
 PROMPT = "The quick brown fox jumps over"
@@ -128,6 +137,7 @@ def run(store, predictor=None, prefetch=True, slots=20, unthrottled=False, compu
             th.factor = lambda distance, kind: 1.0
             th.decide = lambda p, room: "issue"
             th.hint_computed = lambda kind, seconds: None  # the gate stays open
+            th.trial.step = lambda tokens, now: None  # no off windows
         c = Completion(eng, tok, PROMPT, GenerateOptions(max_tokens=N_TOKENS))
         done = threading.Event()
         t = threading.Thread(target=lambda: (c.run(), done.set()), daemon=True)
@@ -391,6 +401,9 @@ def test_cli_predictor_streams_same_text_and_reports_the_throttle(
     assert r.stdout.strip() == resident[0].strip()
     assert "prefetch (markov): throttle " in r.stderr
     assert "skipped" in r.stderr and "live precision" in r.stderr
+    # 24 tokens: two pairs of 4-token windows measured, no verdict yet
+    line = next(x for x in r.stderr.splitlines() if x.startswith("prefetch trial"))
+    assert "still measuring" in line and "2 alternating pairs" in line
 
 
 def test_cli_refuses_a_predictor_of_another_model(store, predictors):
@@ -425,6 +438,93 @@ def test_compute_gate_closes_probes_and_reopens():
         th.hint_computed("markov", 0.001)
     assert g.open and g.skipped == 64 + 128
     assert g.stats()["hints_computed"] == 3 * 2 * 4
+
+
+def drive_trial(trial, windows, on_s, off_s, now=0.0):
+    """``windows`` trial windows of single-token passes taking ``on_s``
+    (prefetch allowed) or ``off_s`` seconds; the arm of each pass, in order."""
+    arms = []
+    for _ in range(windows * TRIAL_TOKENS):
+        trial.step(1, now)  # a pass starts: the previous one is timed
+        arms.append(trial.allowed)
+        now += on_s if trial.allowed else off_s
+    return arms, now
+
+
+def test_trial_turns_off_a_prefetch_that_slows_decode_and_keeps_checking():
+    t = _Trial()
+    arms, now = drive_trial(t, 2 * TRIAL_PAIRS + 1, 0.11, 0.10)
+    # pairs alternate their order so that drift cancels: on-off, off-on, ...
+    n = TRIAL_TOKENS
+    assert arms[: 4 * n] == [True] * n + [False] * 2 * n + [True] * n
+    assert t.verdict is False and t.n_pairs == TRIAL_PAIRS
+    st = t.stats()
+    assert st["verdict"] == "off" and st["speedup"] == pytest.approx(10 / 11, abs=1e-4)
+    assert st["on_ms_per_token"] == pytest.approx(110) and st["pairs"] == 8
+    arms, now = drive_trial(t, 10 * (TRIAL_EVERY + 2), 0.11, 0.10, now)
+    # off from now on but for one checking pair after every TRIAL_EVERY windows
+    assert sum(arms) == 10 * n and t.verdict is False
+    # the drive got faster: the checks see it and the verdict follows
+    arms, now = drive_trial(t, 3 * TRIAL_MEMORY * (TRIAL_EVERY + 2), 0.08, 0.1, now)
+    tail = arms[-(TRIAL_EVERY + 2) * n :]  # on but for a checking pair's off half
+    assert t.verdict is True and sum(tail) == (TRIAL_EVERY + 1) * n
+
+
+def test_trial_keeps_a_prefetch_that_pays_and_skips_longer_passes():
+    t = _Trial()
+    arms, _ = drive_trial(t, 2 * TRIAL_PAIRS + TRIAL_EVERY, 0.09, 0.10)
+    tail = arms[-(TRIAL_EVERY + 2) * TRIAL_TOKENS :]
+    assert t.verdict is True and sum(tail) == (TRIAL_EVERY + 1) * TRIAL_TOKENS
+    assert t.stats()["speedup"] == pytest.approx(10 / 9, abs=1e-4)
+    # a prefill (several tokens) between two decode steps: its time, however
+    # long, is no token's
+    u = _Trial()
+    for i in range(TRIAL_TOKENS):
+        u.step(1, float(i))
+    u.step(7, 100.0)  # the interval 3 -> 100 is dropped
+    for i in range(2):
+        u.step(1, 200.0 + i)
+    assert u._pair == {True: 1.0} and not u.allowed
+
+
+def test_trial_turns_prefetch_off_for_a_cost_the_rule_cannot_see(
+    store, resident, slow_reads
+):
+    """Right hints that land in time, but every layer computed while a
+    prefetch read is in flight takes 30 ms more (reads slowing the compute
+    threads, as on the 2-core VM): the trial turns prefetch off by itself,
+    and the text stays the resident run's."""
+    text, seq = resident
+    slow_reads(0.005)
+    tokens = 2 * TRIAL_PAIRS * TRIAL_TOKENS + 8
+    eng, tok = load(
+        store,
+        ctx=256,
+        source=lambda st: StreamedExperts(st, 20 * st.extent_nbytes, io_threads=2),
+    )
+    try:
+        pred = Oracle(seq, right=True)
+        pred.engine = eng
+        use_predictor(eng, pred)
+        src = eng.source
+
+        def hook(layer, x, ids, w):
+            busy = any(s in src._prefetched for s in src._reqs)
+            time.sleep(0.035 if busy else 0.005)
+
+        eng.route_hook = hook
+        pred.observe = lambda layer, experts, hidden, _o=pred.observe: (
+            _o(layer, experts, hidden) if (eng.pos, layer) in seq else {}
+        )
+        c = Completion(eng, tok, PROMPT, GenerateOptions(max_tokens=tokens))
+        c.run()
+        st = src.stats()["prefetch_throttle"]
+    finally:
+        eng.close()
+    assert c.result.completion.startswith(text)
+    trial = st["trial"]
+    assert trial["verdict"] == "off" and trial["speedup"] < 1
+    assert trial["pairs"] >= TRIAL_PAIRS
 
 
 def test_prefetch_chunks_leave_half_the_workers_to_demand(tmp_path):

@@ -214,8 +214,11 @@ def command(
     exceeds the drive time a wasted read takes from demand reads (its read
     time x how busy the drive is), with no more in flight than the drive reads
     during one layer's compute; when precision collapses prefetch turns itself
-    off and only probes now and then. Demand reads always go first. --stats
-    shows what the throttle did.
+    off and only probes now and then. Over it all, a trial times decode itself:
+    windows of 4 tokens alternate with prefetch allowed and not, and prefetch
+    stays on only while it is measured faster (a checking pair every few
+    windows keeps measuring). Demand reads always go first. --stats shows what
+    the throttle and the trial did.
 
     --speculative (greedy only) drafts up to --draft-tokens tokens and checks
     them with the last token in one forward pass, which reads each routed
@@ -587,3 +590,19 @@ def _print_io(s: dict, io: dict) -> None:
             f"{th['threshold']:.2f}{gated}",
             err=True,
         )
+        from mer_cli.prefetch import TRIAL_TOKENS
+
+        tr = th.get("trial") or {}
+        if tr.get("pairs"):
+            verdict = {
+                "on": "prefetch stays on",
+                "off": "prefetch stays off",
+            }.get(tr["verdict"], "still measuring")
+            click.echo(
+                f"prefetch trial: {verdict}; decode with it "
+                f"{ms(tr['on_ms_per_token'] / 1000)}/token against "
+                f"{ms(tr['off_ms_per_token'] / 1000)} without "
+                f"({tr['speedup']:.2f}x, {tr['pairs']} alternating pairs of "
+                f"{TRIAL_TOKENS}-token windows)",
+                err=True,
+            )
