@@ -447,7 +447,10 @@ def main() -> None:
                     "edits for a code model (the built-in one)")  # fmt: skip
     ap.add_argument("--prompts", type=int,
                     help="how many of the set's prompts [default: all]")  # fmt: skip
-    ap.add_argument("--draft-tokens", type=int, default=5)
+    ap.add_argument("--draft-tokens", default="5",
+                    help="most drafts per pass; a comma list (5,12) runs lookup "
+                    "and draft once per value, replay with the largest")  # fmt: skip
+    ap.add_argument("--no-lookup", action="store_true", help="skip prompt lookup")
     ap.add_argument("--replay-miss", type=float, default=0.0,
                     help="share of wrong oracle drafts in the replay run")  # fmt: skip
     ap.add_argument("--no-replay", action="store_true", help="skip the replay run")
@@ -460,6 +463,10 @@ def main() -> None:
     ap.add_argument("--no-cgroup", action="store_true", help="dry run, no limit")
     ap.add_argument("--json", help="also write every result to this file")
     args = ap.parse_args()
+    try:
+        ks = [int(k) for k in str(args.draft_tokens).split(",")]
+    except ValueError:
+        sys.exit(f"--draft-tokens {args.draft_tokens}: expected numbers like 5,12")
 
     root = os.geteuid() == 0
     if not args.no_cgroup and not root:
@@ -499,14 +506,20 @@ def main() -> None:
             "threads": args.threads,
             "io_threads": args.io_threads,
             "ram_budget": budget,
-            "draft_tokens": args.draft_tokens,
+            "draft_tokens": max(ks),
             "draft": args.draft,
             "replay_miss": args.replay_miss,
         }
-        configs = [{**base, "name": "plain", "speculative": None},
-                   {**base, "name": "lookup", "speculative": "lookup"}]  # fmt: skip
-        if args.draft:
-            configs.append({**base, "name": "draft", "speculative": "draft"})
+        configs = [{**base, "name": "plain", "speculative": None}]
+        methods = ([] if args.no_lookup else ["lookup"]) + (
+            ["draft"] if args.draft else []
+        )
+        for m in methods:
+            for k in ks:
+                name = m if len(ks) == 1 else f"{m}-k{k}"
+                configs.append(
+                    {**base, "name": name, "speculative": m, "draft_tokens": k}
+                )
         if not args.no_cgroup:
             cgroup = Cgroup(f"mer-spec-bench-{os.getpid()}", limit)
         for rnd in range(args.rounds):

@@ -41,7 +41,16 @@ class GenerateOptions:
     chat: bool = False
     # greedy speculative decoding (mer_cli.speculative): "lookup" or "draft"
     speculative: str | None = None
-    draft_tokens: int = 5  # most drafted tokens verified per forward pass
+    # most drafted tokens verified per forward pass (None: the method's
+    # default, mer_cli.speculative.DEFAULT_DRAFT_TOKENS)
+    draft_tokens: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.draft_tokens is None:
+            from mer_cli.speculative import DEFAULT_DRAFT_TOKENS
+
+            default = DEFAULT_DRAFT_TOKENS.get(self.speculative, 5)
+            object.__setattr__(self, "draft_tokens", default)  # frozen
 
     def sampling(self) -> SamplingOptions:
         return SamplingOptions(self.temperature, self.top_p, self.top_k, self.seed)

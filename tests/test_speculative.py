@@ -275,11 +275,13 @@ class WrongDrafter:
 
     def __init__(self, reference: list[int], start: int, vocab: int) -> None:
         self.ref, self.start, self.vocab = reference, start, vocab
+        self.asked: list[int] = []  # k of each propose call
 
     def reset(self) -> None:
         pass
 
     def propose(self, context, k):
+        self.asked.append(k)
         done = len(context) - self.start
         return [(t + 1) % self.vocab for t in self.ref[done : done + k]]
 
@@ -304,8 +306,17 @@ def test_wrong_drafts_are_soon_no_longer_verified(stores):
         # a pass at most 2 steps' fetches) it is below break-even after ~6
         assert st.accepted == 0 and st.verify_passes <= 7
         assert st.plain_steps >= 32
+        # the drafter is asked only for what the policy would verify: one
+        # token (checked for free) once the drafts stopped paying
+        assert drafter.asked[-20:] == [1] * 20 and max(drafter.asked) <= 5
     finally:
         eng.close()
+
+
+def test_draft_tokens_default_by_method():
+    assert GenerateOptions(speculative="draft").draft_tokens == 16
+    assert GenerateOptions(speculative="lookup").draft_tokens == 5
+    assert GenerateOptions(speculative="draft", draft_tokens=3).draft_tokens == 3
 
 
 # ------------------------------------------------------------------ same tokens

@@ -66,11 +66,11 @@ import click
 )
 @click.option(
     "--draft-tokens",
-    default=5,
-    show_default=True,
+    type=int,
     metavar="K",
     help="Most drafted tokens checked per forward pass (1-31); fewer, or none, "
-    "when the acceptance so far does not pay for the drafts' expert fetches.",
+    "when the acceptance so far does not pay for the drafts' expert fetches. "
+    "[default: 16 with a draft model, 5 with lookup]",
 )
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per prompt.")
 @click.option(
@@ -173,7 +173,7 @@ def command(
     chat: bool,
     speculative: str | None,
     draft: str | None,
-    draft_tokens: int,
+    draft_tokens: int | None,
     as_json: bool,
     stats: bool,
     threads: int | None,
