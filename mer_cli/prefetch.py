@@ -29,8 +29,11 @@ time it is expected to cost. Nothing is left for the user to tune:
   were issued at: ``r = (1 + sum used) / (1 + sum p)`` scales ``p`` down when
   reads land too late or are cancelled;
 * **benefit vs cost**: a used prefetch saves what a demand miss costs, ``g``
-  = the measured stall per demand miss (small when reads overlap compute); a
-  wasted one takes ``t`` = one extent's read time from the drive, and delays
+  = the measured stall per demand miss (small when reads overlap compute),
+  or less: what used prefetches were measured to save, ``s`` (a read still in
+  flight when its layer comes saved only the time it had been issued before;
+  one issued a layer ahead of a read that takes several layers saves little),
+  which replaces ``g`` below when smaller; a wasted one takes ``t`` = one extent's read time from the drive, and delays
   demand reads in proportion to how busy the drive is, ``u`` = its measured
   busy share (moving averages per layer). Issue when ``p g > (1 - p) u t``,
   i.e. ``p > u t / (g + u t)``: an idle drive makes reads nearly free, a busy
@@ -307,6 +310,7 @@ class PrefetchThrottle:
         self._busy = 0.0
         self._misses = 0.0
         self._rate: float | None = None  # bytes/s while reading
+        self._saving: float | None = None  # stall saved per used prefetch
         self._refused = 0  # refusals in a row
         self._since_probe = 0  # demand reads since the last probe (answer)
         self._probe_interval = PROBE_EVERY
@@ -361,14 +365,23 @@ class PrefetchThrottle:
         return self._stall / self._misses if self._misses > 1e-9 else None
 
     @property
+    def saving_per_use(self) -> float | None:
+        """``s``: moving average of the stall a used prefetch saved, seconds
+        (None: none used yet)."""
+        return self._saving
+
+    @property
     def threshold(self) -> float:
-        """Least probability of use at which a prefetch pays, ``u t / (g + u t)``
-        (0 until measured; ``g = t`` until a miss was seen)."""
+        """Least probability of use at which a prefetch pays, ``u t / (s + u t)``
+        (0 until measured). ``s`` is what a used prefetch saved, measured, at
+        most ``g``; ``g = t`` until a miss was seen."""
         t = self.read_seconds
         if t is None:
             return 0.0
         g = self.stall_per_miss
         g = t if g is None else g
+        if self._saving is not None:
+            g = min(g, self._saving)
         cost = self.busy_share * t
         return cost / (g + cost) if g + cost > 0 else 0.0
 
@@ -462,14 +475,32 @@ class PrefetchThrottle:
         probe: bool,
         kind: str | None = None,
         late: bool = False,
+        lead: float | None = None,
     ) -> None:
-        """An issued prefetch (issued at probability ``p``) was used or not;
-        a used one of ``kind`` credits its gate with the stall it saved (half
-        of a miss's when it was still ``late``, being read)."""
+        """An issued prefetch (issued at probability ``p``) was used or not.
+
+        A used one saved the stall of a demand miss ``g`` if it had landed,
+        and if it was still ``late`` (being read) at most the ``lead`` seconds
+        it had been issued before it was asked for (None: half a miss). That
+        saving feeds ``s`` (:attr:`threshold`) and credits the gate of its
+        ``kind``. A prefetch issued one layer ahead of a read several layers
+        long saves one layer's compute, not a miss.
+        """
         self._issued.add(p, 1.0 if used else 0.0)
-        if used and kind is not None:
+        if used:
             g = self.stall_per_miss or self.read_seconds or 0.0
-            self.gate(kind).credit(g / 2 if late else g)
+            if late:
+                saved = g / 2 if lead is None else min(g, max(lead, 0.0))
+            else:
+                saved = g
+            a = 1.0 / self.window
+            self._saving = (
+                saved
+                if self._saving is None
+                else self._saving + a * (saved - self._saving)
+            )
+            if kind is not None:
+                self.gate(kind).credit(saved)
         if probe:  # the next probe comes an interval after this answer
             self._probe_pending = max(0, self._probe_pending - 1)
             self._since_probe = 0
@@ -530,6 +561,7 @@ class PrefetchThrottle:
             "threshold": r4(self.threshold),
             "stall_share": r4(self.stall_share),
             "stall_per_miss_s": r4(self.stall_per_miss),
+            "saved_per_use_s": r4(self.saving_per_use),
             "drive_busy_share": r4(self.busy_share),
             "read_s_per_extent": r4(self.read_seconds),
             "realized_factor": r4(self.realized),

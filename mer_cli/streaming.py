@@ -126,6 +126,7 @@ class StreamedExperts:
         self._reqs: dict[int, ReadRequest] = {}  # slot -> read in flight into it
         # slots filled by prefetch, not yet resolved -> (probability, probe, kind)
         self._prefetched: dict[int, tuple[float, bool, str]] = {}
+        self._pf_issued_at: dict[int, float] = {}  # slot -> perf_counter at issue
         self.throttle = PrefetchThrottle(self.L, store.extent_nbytes)
         self.hints = "lookahead" if prefetch else "off"  # set by use_predictor
         self._t_fetch: float | None = None  # when the previous fetch began
@@ -179,9 +180,11 @@ class StreamedExperts:
         self.cache.assign(slot, key, LOADING)
 
     def _pf_resolve(self, slot: int, used: bool, late: bool = False) -> None:
-        """The prefetch into ``slot`` was used, or will not be: tell the throttle."""
+        """The prefetch into ``slot`` was used, or will not be: tell the throttle
+        (with how long before its use it was issued)."""
         p, probe, kind = self._prefetched.pop(slot)
-        self.throttle.outcome(p, used, probe, kind, late)
+        lead = time.perf_counter() - self._pf_issued_at.pop(slot, time.perf_counter())
+        self.throttle.outcome(p, used, probe, kind, late, lead=lead)
 
     def _complete(self, req: ReadRequest) -> None:
         """Apply a finished read to the slot table (compute thread only)."""
@@ -468,6 +471,7 @@ class StreamedExperts:
                 break  # everything held is worth more than these candidates
             self._evict_into(s, key)
             self._prefetched[s] = (p, how == "probe", kind)
+            self._pf_issued_at[s] = time.perf_counter()
             self._submit(s, key, PREFETCH)
             th.started(how)
             self.pf_issued += 1

@@ -317,6 +317,17 @@ def test_throttle_calibrates_hints_and_breaks_even_on_measured_costs():
     # reads hidden behind compute: a miss costs little, so does little good
     settle(wall_s=0.02, stall_s=0.0005, rate=100 * MB, busy_s=0.01, misses=1)
     assert th.threshold == pytest.approx(0.005 / 0.0055, rel=1e-2)
+    # used prefetches that were still being read when asked for, issued 2 ms
+    # before: they saved 2 ms, not a 10 ms miss, and the bar rises to match
+    settle(wall_s=0.02, stall_s=0.01, rate=100 * MB, busy_s=0.02, misses=1)
+    th.outcome(0.9, True, False, "markov", late=True, lead=0.002)
+    assert th.saving_per_use == pytest.approx(0.002)
+    assert th.threshold == pytest.approx(0.01 / 0.012, rel=1e-3)
+    assert th.gate("markov").pending == pytest.approx(0.002)
+    for _ in range(200):  # then they land in time: each saves a whole miss
+        th.outcome(0.9, True, False, "markov")
+    assert th.saving_per_use == pytest.approx(0.01, rel=1e-3)
+    assert th.threshold == pytest.approx(0.5, rel=1e-3)
     # spare bandwidth: 1 GB/s x 4 ms of compute = 4 extents of 1 MB, cap 3
     th = PrefetchThrottle(num_layers=4, extent_nbytes=MB)
     assert th.inflight_cap(MB, depth=3) == 3  # unmeasured: the depth
