@@ -1,6 +1,6 @@
 """Expert predictors: which experts the next 1-3 layers will ask for.
 
-Two kinds, both fitted from routing traces (:mod:`mer_cli.formats.trace`) by
+Three kinds, fitted from routing traces (:mod:`mer_cli.formats.trace`) by
 ``mer train-predictor`` (:mod:`mer_cli.train_predictor`) and saved as one
 versioned ``.npz`` (no pickle, format below):
 
@@ -24,6 +24,14 @@ versioned ``.npz`` (no pickle, format below):
   (:func:`mer_cli.models.layers.attention_preview`), which sees the context
   (the earlier positions' keys and values) that decides much of ``l+1``'s
   routing, at the time layer ``l``'s experts are read.
+* ``shadow`` (one layer ahead; fitted with ``--model``, :mod:`mer_cli.shadow`):
+  a rank-R linear surrogate of every expert, fitted by least squares on the
+  experts' real inputs and outputs over the training prompts. After layer
+  ``l``'s routing, the surrogates of its selected experts stand in for its MoE
+  output ``y~``, layer ``l+1``'s attention runs early on ``x + y~`` (the
+  preview, as above, but of the residual layer ``l+1`` will nearly see), and
+  layer ``l+1``'s router on it gives the scores. It costs two thin products
+  per selected expert, an attention and a router.
 
 Live interface (``mer generate --predictor``)::
 
@@ -33,6 +41,8 @@ Live interface (``mer generate --predictor``)::
     pred.reset()                                   # a new sequence
     scores = pred.observe(layer, experts, hidden)  # after layer's routing
     pred.wants_preview                             # True: also pass preview=
+    pred.shadow_output(layer, experts, hidden)     # shadow: the residual the
+                                                   # preview is taken of
     # {target_layer: f32 [E] in [0, 1]} for target_layer in
     #   layer+1 .. min(layer+max_distance, L-1); never wraps to the next token
 
@@ -86,7 +96,7 @@ KIND = Kind(
     not_this="not a mer predictor (a trace? train one with mer train-predictor "
     "TRACE -o PRED)",
 )
-KINDS = ("markov", "mlp")
+KINDS = ("markov", "mlp", "shadow")
 MAX_DISTANCE = 3
 
 META_FIELDS: dict[str, type] = {
@@ -129,6 +139,12 @@ SCHEMAS: dict[str, dict[str, tuple[str, tuple[str, ...]]]] = {
         "b1": ("float32", ("L", "H")),
         "w2": ("float32", ("L", "H", "AE")),
         "b2": ("float32", ("L", "AE")),
+    },
+    "shadow": {
+        "shadow_in": ("float32", ("L", "E", "R", "D1")),  # [xn, 1] -> rank R
+        "shadow_out": ("float32", ("L", "E", "D", "R")),  # rank R -> expert out
+        "routers": ("float32", ("L", "E", "D")),
+        "router_norms": ("float32", ("L", "D")),
     },
 }
 # members of an mlp with meta "router_inputs": true (router lookahead inputs)
@@ -234,6 +250,10 @@ class Predictor:
         """Whether :meth:`observe` uses the attention preview (``preview=``)."""
         return bool(self.meta.get("preview_inputs", False))
 
+    def _preview_input(self, preview: np.ndarray) -> np.ndarray:
+        """What :meth:`_scores` takes of the preview ``[T, D]``: its sketch."""
+        return self.sketch(preview)
+
     def observe(
         self,
         layer: int,
@@ -273,7 +293,7 @@ class Predictor:
         pv = None
         if preview is not None and self.wants_preview:
             pv = np.asarray(preview, np.float32).reshape(ex.shape[0], -1)
-            pv = self.sketch(pv)
+            pv = self._preview_input(pv)
         if layer <= self._layer:
             self._step.clear()
         self._layer = layer
@@ -502,6 +522,71 @@ class MLPPredictor(Predictor):
         return _sigmoid(logits).reshape(x.shape[0], self.max_distance, self.E)
 
 
+class ShadowPredictor(Predictor):
+    """Layer ``l+1``'s router on the attention preview of ``x + y~``, where
+    ``y~`` is layer ``l``'s MoE output computed with rank-R surrogates of its
+    selected experts (module docstring; fitted by :mod:`mer_cli.shadow`)."""
+
+    kind = "shadow"
+
+    @property
+    def wants_preview(self) -> bool:
+        return True
+
+    def _preview_input(self, preview: np.ndarray) -> np.ndarray:
+        return preview  # the router takes the whole vector
+
+    def normed(self, hidden: np.ndarray, layer: int) -> np.ndarray:
+        """f32 ``[T, D]``: ``hidden`` after layer ``layer``'s ffn RMS norm."""
+        eps = np.float32(self.meta["rms_norm_eps"])
+        ms = np.mean(hidden * hidden, axis=-1, keepdims=True)
+        return hidden / np.sqrt(ms + eps) * self.arrays["router_norms"][layer]
+
+    def shadow_output(
+        self, layer: int, experts: np.ndarray, hidden: np.ndarray
+    ) -> np.ndarray:
+        """f32 ``[T, D]``: layer ``layer``'s MoE output as the surrogates give
+        it, for the residual ``hidden`` ``[T, D]`` (or ``[D]``) entering the
+        MoE block whose routing selected ``experts`` ``[T, K]`` (or ``[K]``):
+        each selected expert's surrogate on the normed input, mixed by the
+        router's softmax over the selected experts (the weights of top-k
+        softmax routing with renormalisation)."""
+        a = self.arrays
+        x = np.asarray(hidden, np.float32).reshape(-1, a["routers"].shape[2])
+        ex = np.asarray(experts, np.int64).reshape(x.shape[0], -1)
+        xn = self.normed(x, layer)
+        z = np.take_along_axis(xn @ a["routers"][layer].T, ex, axis=-1)  # [T, K]
+        w = np.exp(z - z.max(-1, keepdims=True))
+        w /= w.sum(-1, keepdims=True)
+        xb = np.concatenate([xn, np.ones((x.shape[0], 1), np.float32)], axis=1)
+        y = np.zeros_like(x)
+        for e in np.unique(ex):
+            rows, slot = np.nonzero(ex == e)
+            h = xb[rows] @ a["shadow_in"][layer, e].T  # [n, R]
+            y[rows] += w[rows, slot, None] * (h @ a["shadow_out"][layer, e].T)
+        return y
+
+    def _scores(
+        self, layer, x, below, prev, has_prev, hidden, sketch=None, preview=None
+    ):
+        v = preview if preview is not None else hidden  # no preview: lookahead
+        if v is None:
+            raise ValueError(
+                "observe: the shadow predictor needs preview (or at least hidden)"
+            )
+        v = np.asarray(v, np.float32).reshape(x.shape[0], -1)
+        z = self.normed(v, layer + 1) @ self.arrays["routers"][layer + 1].T
+        z = np.exp(z - z.max(-1, keepdims=True))
+        return (z / z.sum(-1, keepdims=True))[:, None, :].astype(np.float32)
+
+    def predict_trace(self, trace) -> np.ndarray:
+        raise UsageError(
+            "a shadow predictor's scores need the model's hidden states, which "
+            "traces do not hold: score it with mer_cli.shadow.shadow_scores "
+            "(mer train-predictor --model STORE does)"
+        )
+
+
 def mlp_inputs(
     sketch: np.ndarray,
     x: np.ndarray,
@@ -590,6 +675,7 @@ def trace_preview(trace) -> np.ndarray:
 PREDICTOR_CLASSES: dict[str, type[Predictor]] = {
     "markov": MarkovPredictor,
     "mlp": MLPPredictor,
+    "shadow": ShadowPredictor,
 }
 
 
@@ -690,10 +776,17 @@ def _check_meta(meta: Any, where: str) -> None:
             "expected false (or true for an mlp)"
         )
     eps = meta.get("rms_norm_eps")
-    if ri and (not isinstance(eps, float) or not 0 < eps < 1):
+    if (ri or meta["kind"] == "shadow") and (
+        not isinstance(eps, float) or not 0 < eps < 1
+    ):
         raise FormatError(
             f"{where}: rms_norm_eps is {eps!r}, expected a small positive number "
-            "(needed with router_inputs)"
+            "(needed with router_inputs and by shadow predictors)"
+        )
+    if meta["kind"] == "shadow" and meta["max_distance"] != 1:
+        raise FormatError(
+            f"{where}: max_distance is {meta['max_distance']} for a shadow "
+            "predictor, which predicts one layer ahead: expected 1"
         )
     if not 1 <= meta["max_distance"] <= MAX_DISTANCE:
         raise FormatError(
@@ -712,6 +805,7 @@ def _check_arrays(
     L, E, A = meta["num_layers"], meta["num_experts"], meta["max_distance"]
     dims: dict[str, int] = {"L": L, "E": E, "A": A, "AE": A * E, "2": 2, "5": 5}
     dims |= {"D": meta["hidden_size"], "S": meta["sketch_dim"]}
+    dims["D1"] = meta["hidden_size"] + 1
     # free sizes: taken from the first member that has them
     for name, (dtype, shape) in schema_of(kind, meta).items():
         a = arrays[name]

@@ -7,8 +7,9 @@ it applies the next layer's router to the hidden state (router lookahead);
 with a predictor (``mer generate --predictor PRED``) decode steps feed the
 routing just made to ``Predictor.observe`` and hint every layer it returns
 scores for (1..``max_distance`` ahead); a predictor that ``wants_preview``
-(``mlp+preview``) also gets the attention preview of the next layer, computed
-here at decode steps (one more attention per layer, timed with the hint by
+(``mlp+preview``, ``shadow``) also gets the attention preview of the next
+layer, computed here at decode steps (a ``shadow`` predictor's of the residual
+plus its surrogate MoE output) (one more attention per layer, timed with the hint by
 the compute gate). Forward passes over several tokens
 (prefill) keep router lookahead, which sees every token; the predictor still
 observes the last token, so its state is right for the first decode step.
@@ -642,7 +643,10 @@ def prefetch_hint(
             wants = getattr(pred, "wants_preview", False)
             if cache is not None and nxt is not None and wants:
                 nw = engine.layers[nxt]
-                pv = attention_preview(engine.arch, nw, nxt, x, cache, start)
+                xp = x
+                if hasattr(pred, "shadow_output"):  # the preview of x + y~
+                    xp = x + pred.shadow_output(layer, ids[-1:], x[-1:])
+                pv = attention_preview(engine.arch, nw, nxt, xp, cache, start)
             out = observe(engine, pred, layer, ids, x, start, pv)
             hints = predicted(pred, out, layer, L, CANDIDATES_PER_K * ids.shape[-1])
         if th is not None:

@@ -46,7 +46,7 @@ from mer_cli.predictors import (
 )
 
 DEFAULT_BUDGETS = (0.10, 0.25, 0.50)
-KINDS = ("best", "markov", "mlp", "mlp+router", "mlp+preview")
+KINDS = ("best", "markov", "mlp", "mlp+router", "mlp+preview", "shadow")
 
 # ======================================================================= data
 
@@ -648,10 +648,15 @@ def train_predictor(
     """
     if kind not in KINDS:
         raise UsageError(f"--kind {kind}: expected one of {', '.join(KINDS)}")
-    if kind == "mlp+router" and model is None:
+    if kind in ("mlp+router", "shadow") and model is None:
         raise UsageError(
-            "--kind mlp+router needs --model STORE (the store the traces were "
-            "recorded from: the routers are copied from it)"
+            f"--kind {kind} needs --model STORE (the store the traces were "
+            "recorded from: the routers are copied from it"
+            + (
+                ", and the prompts are replayed through it)"
+                if kind == "shadow"
+                else ")"
+            )
         )
     if not 1 <= max_distance <= MAX_DISTANCE:
         raise UsageError(f"--distance {max_distance}: expected 1..{MAX_DISTANCE}")
@@ -673,7 +678,9 @@ def train_predictor(
             "record the traces again with mer trace (--preview is the default)"
         )
     A = min(max_distance, trace.meta["num_layers"] - 1)
-    routers = load_routers(model, trace, A) if model is not None else None
+    routers = None
+    if model is not None and kind in ("best", "mlp+router"):
+        routers = load_routers(model, trace, A)
     tr_mask, te_mask = split_by_prompt(trace, holdout, seed)
     train, test = subset(trace, tr_mask), subset(trace, te_mask)
     # a validation share of the training prompts for the MLP's early stopping
@@ -697,6 +704,15 @@ def train_predictor(
             fit, valid, max_distance=A, hidden=hidden, epochs=epochs, seed=seed,
             preview=True, progress=progress,
         )  # fmt: skip
+    shadow_store = None
+    if model is not None and kind in ("best", "shadow"):
+        from mer_cli.formats.store import Store
+        from mer_cli.shadow import fit_shadow
+
+        shadow_store = Store.open(model)
+        fitted["shadow"] = fit_shadow(
+            shadow_store, train, predictor_meta(train, "shadow", 1), progress=progress
+        )
     K, E = trace.meta["top_k"], trace.meta["num_experts"]
     scores: dict[str, np.ndarray] = {}
     router = router_scores(test, A)
@@ -707,11 +723,18 @@ def train_predictor(
         scores["preview"] = preview
     scores["frequency"] = frequency_scores(train, test, A)
     for name, p in fitted.items():
-        scores[name] = p.predict_trace(test)
+        if name == "shadow":  # scored by replaying the model
+            from mer_cli.shadow import shadow_scores
+
+            s1 = shadow_scores(shadow_store, test, p, progress)
+            scores[name] = np.zeros((test.num_tokens, s1.shape[1], A, E), np.float32)
+            scores[name][:, :, :1] = s1
+        else:
+            scores[name] = p.predict_trace(test)
     ks = [K] + ([2 * K] if 2 * K < E else [])
     quality = evaluate(test, scores, ks)
-    if preview is not None:  # one layer ahead only
-        for q in quality["preview"].values():
+    for name in ("preview", "shadow"):  # one layer ahead only
+        for q in quality.get(name, {}).values():
             for m in q.values():
                 m[1:] = [float("nan")] * (len(m) - 1)
     if kind == "best":

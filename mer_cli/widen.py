@@ -242,7 +242,8 @@ def widen_predictor(
     predictor fitted on the source's traces serves it once its model-width
     arrays are padded the way :func:`widen_store` pads the model: every member
     with a ``D`` axis in the predictor schema (the sketch projection, copied
-    routers) gains zero rows/columns, norm weights are scaled by
+    routers, shadow surrogates) gains zero rows/columns (before the constant
+    column of a shadow's ``[x, 1]`` inputs), norm weights are scaled by
     ``sqrt(D / D')`` and ``rms_norm_eps`` by ``D / D'``. The sketch of a widened
     residual ``[x, 0]`` is then the source's sketch of ``x``. ``store`` is the
     widened store: its id and width go into the new file, so ``mer generate``
@@ -259,6 +260,15 @@ def widen_predictor(
     arrays = dict(pred.arrays)
     for name, a in pred.arrays.items():
         dims = schema.get(name, (None, ()))[1]
+        if "D1" in dims:  # [x, 1] inputs (shadow): zero columns before the 1
+            axis = dims.index("D1")
+            zeros = list(a.shape)
+            zeros[axis] = Dw - D
+            cols = np.split(a, [D], axis=axis)
+            arrays[name] = np.concatenate(
+                [cols[0], np.zeros(zeros, a.dtype), cols[1]], axis=axis
+            )
+            continue
         if "D" not in dims:
             continue
         axis = dims.index("D")

@@ -41,7 +41,7 @@ def _budgets(ctx: click.Context, param: click.Parameter, value: str) -> list[flo
 )
 @click.option(
     "--kind",
-    type=click.Choice(["best", "markov", "mlp", "mlp+router", "mlp+preview"]),
+    type=click.Choice(["best", "markov", "mlp", "mlp+router", "mlp+preview", "shadow"]),
     default="best",
     show_default=True,
     help="Predictor to save; best = highest held-out recall one layer ahead.",
@@ -52,7 +52,7 @@ def _budgets(ctx: click.Context, param: click.Parameter, value: str) -> list[flo
     metavar="STORE",
     help="The store the traces were recorded from ('builtin': the built-in "
     "model): also fit mlp+router, an MLP that takes the router lookahead too "
-    "(routers copied from STORE).",
+    "(routers copied from STORE), and shadow (prompts replayed through STORE).",
 )
 @click.option(
     "--distance",
@@ -110,7 +110,13 @@ def command(
     attention preview (mer trace's default), an MLP that also takes the
     preview's sketch (mlp+preview: layer l+1's attention run on the hidden
     state entering layer l's MoE block, computed live by mer generate
-    --predictor). On the held-out prompts every
+    --predictor). With --model, also shadow, one layer ahead: a rank-32
+    linear surrogate of every expert is fitted by least squares on the
+    experts' real inputs and outputs (the training prompts replayed through
+    STORE); after layer l's routing, the surrogates of its selected experts
+    stand in for its MoE output, layer l+1's attention preview is taken of
+    the residual plus that, and layer l+1's router applied to it (the
+    held-out prompts are replayed to score it). On the held-out prompts every
     predictor -- and the router lookahead the trace recorded, the
     training-free baseline -- is scored by recall@k and precision@k per
     lookahead distance, and the expert requests are replayed at each of
