@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         for line in threshold_sweep(
             args.traces, args.holdout, seeds[0], budgets, Path(first.output),
-            thresholds,
+            thresholds, args.model,
         ):  # fmt: skip
             print(line)
     print(
@@ -161,7 +161,9 @@ def held_out(traces, holdout: float, seed: int):
     return subset(t, split_by_prompt(t, holdout, seed)[1])
 
 
-def threshold_sweep(traces, holdout, seed, budgets, pred_path, thresholds) -> list:
+def threshold_sweep(
+    traces, holdout, seed, budgets, pred_path, thresholds, model=None
+) -> list:
     """The saved predictor's prefetching replay at each threshold, per budget."""
     from mer_cli.cache import simulate_belady, simulate_prefetch
     from mer_cli.predictors import load_predictor
@@ -170,7 +172,15 @@ def threshold_sweep(traces, holdout, seed, budgets, pred_path, thresholds) -> li
     t = held_out(traces, holdout, seed)
     N, L, K = t.experts.shape
     E = t.meta["num_experts"]
-    preds = predictions_of(load_predictor(pred_path).predict_trace(t), K)
+    pred = load_predictor(pred_path)
+    if pred.kind == "shadow":  # scored by replaying the model (--model)
+        from mer_cli.formats.store import Store
+        from mer_cli.shadow import shadow_scores
+
+        scores = shadow_scores(Store.open(model), t, pred, progress=False)
+    else:
+        scores = pred.predict_trace(t)
+    preds = predictions_of(scores, K)
     reqs = requests_of(t.experts, E).tolist()
     out = []
     for b in budgets:
