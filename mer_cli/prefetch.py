@@ -32,9 +32,10 @@ time it is expected to cost. Nothing is left for the user to tune:
 * **benefit vs cost**: a used prefetch saves what a demand miss costs, ``g``
   = the measured stall per demand miss (small when reads overlap compute),
   or less: what used prefetches were measured to save, ``s`` (a read still in
-  flight when its layer comes saved only the time it had been issued before;
-  one issued a layer ahead of a read that takes several layers saves little),
-  which replaces ``g`` below when smaller; a wasted one takes ``t`` = one extent's read time from the drive, and delays
+  flight when its layer comes saved a miss's stall less the wait for it that
+  followed; one issued a layer ahead of a read that takes several layers, or
+  queued behind demand reads, saves little), which replaces ``g`` below when
+  smaller; a wasted one takes ``t`` = one extent's read time from the drive, and delays
   demand reads in proportion to how busy the drive is, ``u`` = its measured
   busy share (moving averages per layer). Issue when ``p g > (1 - p) u t``,
   i.e. ``p > u t / (g + u t)``: an idle drive makes reads nearly free, a busy
@@ -70,6 +71,7 @@ promoted to demand, and stale ones are cancelled (:mod:`mer_cli.streaming`).
 
 from __future__ import annotations
 
+import math
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -86,7 +88,8 @@ EMA = 0.05  # weight of one layer in the stall share and compute gap averages
 MAX_DISTANCE = 3  # lookahead distances calibrated separately (further: pooled)
 CANDIDATES_PER_K = 2  # a predictor's candidates per target layer: 2 x top-k
 TRIAL_TOKENS = 4  # decode tokens per trial window
-TRIAL_PAIRS = 8  # on/off pairs of windows measured before the first verdict
+TRIAL_PAIRS = 8  # on/off pairs of windows measured before a verdict is forced
+TRIAL_MIN_PAIRS = 3  # pairs before an early verdict (a difference of 2 s.e.)
 TRIAL_EVERY = 8  # after it: a checking pair after this many verdict windows
 TRIAL_MEMORY = 16  # pairs the verdict averages
 
@@ -203,7 +206,9 @@ class _Trial:
     reads issued) or not (nothing computed or read), in pairs whose order
     alternates (on-off, off-on) so that drift cancels; each pair gives the
     difference of mean token time, on minus off. After ``TRIAL_PAIRS`` pairs
-    prefetch stays allowed only while the mean difference over the last
+    (``TRIAL_MIN_PAIRS`` when the difference is already clear: the
+    exploration costs the "on" half of its windows' slowdown), prefetch stays
+    allowed only while the mean difference over the last
     ``TRIAL_MEMORY`` pairs is negative, and a checking pair after every
     ``TRIAL_EVERY`` verdict windows keeps measuring, so the verdict follows
     the run. Passes of several tokens (prefill, speculative checks, batches)
@@ -222,10 +227,19 @@ class _Trial:
 
     @property
     def verdict(self) -> bool | None:
-        """Prefetch pays (True), does not (False), or still measuring (None)."""
-        if self.n_pairs < TRIAL_PAIRS:
+        """Prefetch pays (True), does not (False), or still measuring (None):
+        the sign of the mean difference, from ``TRIAL_MIN_PAIRS`` pairs on
+        when it is over twice its standard error, from ``TRIAL_PAIRS`` on in
+        any case."""
+        n = len(self.pairs)
+        if self.n_pairs < TRIAL_MIN_PAIRS:
             return None
-        return sum(on - off for on, off in self.pairs) < 0
+        d = [on - off for on, off in self.pairs]
+        mean = sum(d) / n
+        if self.n_pairs >= TRIAL_PAIRS:
+            return mean < 0
+        se = math.sqrt(sum((x - mean) ** 2 for x in d) / (n - 1) / n)
+        return mean < 0 if abs(mean) > 2 * se else None
 
     def step(self, tokens: int, now: float) -> None:
         """A forward pass over ``tokens`` tokens starts at ``now``."""
@@ -476,22 +490,23 @@ class PrefetchThrottle:
         probe: bool,
         kind: str | None = None,
         late: bool = False,
-        lead: float | None = None,
+        saved: float | None = None,
     ) -> None:
         """An issued prefetch (issued at probability ``p``) was used or not.
 
-        A used one saved the stall of a demand miss ``g`` if it had landed,
-        and if it was still ``late`` (being read) at most the ``lead`` seconds
-        it had been issued before it was asked for (None: half a miss). That
-        saving feeds ``s`` (:attr:`threshold`) and credits the gate of its
-        ``kind``. A prefetch issued one layer ahead of a read several layers
-        long saves one layer's compute, not a miss.
+        A used one saved the stall of a demand miss ``g`` if it had landed;
+        one still ``late`` (being read) saved ``saved`` seconds, measured by
+        the caller as ``g`` less the time the compute then waited for it
+        (None: half a miss). That saving feeds ``s`` (:attr:`threshold`) and
+        credits the gate of its ``kind``: a prefetch that sat behind demand
+        reads, or was issued one layer ahead of a read several layers long,
+        saves little of a miss.
         """
         self._issued.add(p, 1.0 if used else 0.0)
         if used:
             g = self.stall_per_miss or self.read_seconds or 0.0
             if late:
-                saved = g / 2 if lead is None else min(g, max(lead, 0.0))
+                saved = g / 2 if saved is None else min(g, max(saved, 0.0))
             else:
                 saved = g
             a = 1.0 / self.window

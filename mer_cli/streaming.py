@@ -127,6 +127,8 @@ class StreamedExperts:
         # slots filled by prefetch, not yet resolved -> (probability, probe, kind)
         self._prefetched: dict[int, tuple[float, bool, str]] = {}
         self._pf_issued_at: dict[int, float] = {}  # slot -> perf_counter at issue
+        # used prefetches still being read -> (probability, probe, kind, asked at)
+        self._pf_late: dict[int, tuple[float, bool, str, float]] = {}
         self.throttle = PrefetchThrottle(self.L, store.extent_nbytes)
         self.hints = "lookahead" if prefetch else "off"  # set by use_predictor
         self._t_fetch: float | None = None  # when the previous fetch began
@@ -180,11 +182,24 @@ class StreamedExperts:
         self.cache.assign(slot, key, LOADING)
 
     def _pf_resolve(self, slot: int, used: bool, late: bool = False) -> None:
-        """The prefetch into ``slot`` was used, or will not be: tell the throttle
-        (with how long before its use it was issued)."""
+        """The prefetch into ``slot`` was used, or will not be: tell the throttle.
+        A used one still being read is told when it lands (:meth:`_pf_landed`),
+        with the stall it saved."""
         p, probe, kind = self._prefetched.pop(slot)
-        lead = time.perf_counter() - self._pf_issued_at.pop(slot, time.perf_counter())
-        self.throttle.outcome(p, used, probe, kind, late, lead=lead)
+        self._pf_issued_at.pop(slot, None)
+        if used and late:
+            self._pf_late[slot] = (p, probe, kind, time.perf_counter())
+            return
+        self.throttle.outcome(p, used, probe, kind, late)
+
+    def _pf_landed(self, slot: int) -> None:
+        """A prefetch that was still being read when asked for has landed: it
+        saved a miss's stall less the time the compute waited for it since."""
+        p, probe, kind, t_ask = self._pf_late.pop(slot)
+        th = self.throttle
+        g = th.stall_per_miss or th.read_seconds or 0.0
+        saved = max(0.0, g - (time.perf_counter() - t_ask))
+        th.outcome(p, True, probe, kind, late=True, saved=saved)
 
     def _complete(self, req: ReadRequest) -> None:
         """Apply a finished read to the slot table (compute thread only)."""
@@ -359,6 +374,8 @@ class StreamedExperts:
                 self._landed.remove(req)
                 s = req.key
                 mine.discard(s)
+                if s in self._pf_late:
+                    self._pf_landed(s)
                 if req.error is not None:
                     raise req.error
                 if not req.ok:
@@ -370,6 +387,9 @@ class StreamedExperts:
         finally:
             for s in held:
                 cache.release(s)
+                if s in self._pf_late:  # left before it landed: saving unknown
+                    p, probe, kind, _ = self._pf_late.pop(s)
+                    self.throttle.outcome(p, True, probe, kind, late=True)
             self._landed = [r for r in self._landed if r.key not in held]
 
     def _start(self, waiting: list[int], held: set[int], mine: set[int]) -> list[int]:

@@ -26,6 +26,7 @@ from mer_cli.prefetch import (
     PROBE_EVERY,
     TRIAL_EVERY,
     TRIAL_MEMORY,
+    TRIAL_MIN_PAIRS,
     TRIAL_PAIRS,
     TRIAL_TOKENS,
     PrefetchThrottle,
@@ -317,10 +318,10 @@ def test_throttle_calibrates_hints_and_breaks_even_on_measured_costs():
     # reads hidden behind compute: a miss costs little, so does little good
     settle(wall_s=0.02, stall_s=0.0005, rate=100 * MB, busy_s=0.01, misses=1)
     assert th.threshold == pytest.approx(0.005 / 0.0055, rel=1e-2)
-    # used prefetches that were still being read when asked for, issued 2 ms
-    # before: they saved 2 ms, not a 10 ms miss, and the bar rises to match
+    # used prefetches that were still being read when asked for, then waited
+    # for 8 ms: they saved 2 ms, not a 10 ms miss, and the bar rises to match
     settle(wall_s=0.02, stall_s=0.01, rate=100 * MB, busy_s=0.02, misses=1)
-    th.outcome(0.9, True, False, "markov", late=True, lead=0.002)
+    th.outcome(0.9, True, False, "markov", late=True, saved=0.002)
     assert th.saving_per_use == pytest.approx(0.002)
     assert th.threshold == pytest.approx(0.01 / 0.012, rel=1e-3)
     assert th.gate("markov").pending == pytest.approx(0.002)
@@ -464,14 +465,15 @@ def drive_trial(trial, windows, on_s, off_s, now=0.0):
 
 def test_trial_turns_off_a_prefetch_that_slows_decode_and_keeps_checking():
     t = _Trial()
-    arms, now = drive_trial(t, 2 * TRIAL_PAIRS + 1, 0.11, 0.10)
+    arms, now = drive_trial(t, 2 * TRIAL_MIN_PAIRS + 1, 0.11, 0.10)
     # pairs alternate their order so that drift cancels: on-off, off-on, ...
     n = TRIAL_TOKENS
     assert arms[: 4 * n] == [True] * n + [False] * 2 * n + [True] * n
-    assert t.verdict is False and t.n_pairs == TRIAL_PAIRS
+    # a difference this clear (no noise at all) is a verdict after 3 pairs
+    assert t.verdict is False and t.n_pairs == TRIAL_MIN_PAIRS
     st = t.stats()
     assert st["verdict"] == "off" and st["speedup"] == pytest.approx(10 / 11, abs=1e-4)
-    assert st["on_ms_per_token"] == pytest.approx(110) and st["pairs"] == 8
+    assert st["on_ms_per_token"] == pytest.approx(110) and st["pairs"] == 3
     arms, now = drive_trial(t, 10 * (TRIAL_EVERY + 2), 0.11, 0.10, now)
     # off from now on but for one checking pair after every TRIAL_EVERY windows
     assert sum(arms) == 10 * n and t.verdict is False
@@ -479,6 +481,24 @@ def test_trial_turns_off_a_prefetch_that_slows_decode_and_keeps_checking():
     arms, now = drive_trial(t, 3 * TRIAL_MEMORY * (TRIAL_EVERY + 2), 0.08, 0.1, now)
     tail = arms[-(TRIAL_EVERY + 2) * n :]  # on but for a checking pair's off half
     assert t.verdict is True and sum(tail) == (TRIAL_EVERY + 1) * n
+
+
+def test_trial_waits_for_a_clear_difference():
+    """Pairs whose differences scatter around a small mean: no verdict until
+    TRIAL_PAIRS pairs, then the mean's sign."""
+    t = _Trial()
+    noise = [0.03, -0.028, 0.025, -0.02, 0.03, -0.027, 0.02, -0.02]
+    now, i = 0.0, 0
+    t.step(1, now)
+    while t.n_pairs < TRIAL_PAIRS:
+        assert t.verdict is None
+        k = t.n_pairs
+        for _ in range(TRIAL_TOKENS):
+            # on windows: 0.1 + noise of this pair (mean +0.001); off: 0.1
+            now += 0.1 + (noise[k] + 0.001 if t.allowed else 0.0)
+            t.step(1, now)
+        i += 1
+    assert t.verdict is False and i == 2 * TRIAL_PAIRS
 
 
 def test_trial_keeps_a_prefetch_that_pays_and_skips_longer_passes():
@@ -535,7 +555,7 @@ def test_trial_turns_prefetch_off_for_a_cost_the_rule_cannot_see(
     assert c.result.completion.startswith(text)
     trial = st["trial"]
     assert trial["verdict"] == "off" and trial["speedup"] < 1
-    assert trial["pairs"] >= TRIAL_PAIRS
+    assert trial["pairs"] >= TRIAL_MIN_PAIRS
 
 
 def test_prefetch_chunks_leave_half_the_workers_to_demand(tmp_path):
