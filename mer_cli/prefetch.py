@@ -72,6 +72,7 @@ promoted to demand, and stale ones are cancelled (:mod:`mer_cli.streaming`).
 from __future__ import annotations
 
 import math
+import random
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -90,6 +91,7 @@ CANDIDATES_PER_K = 2  # a predictor's candidates per target layer: 2 x top-k
 TRIAL_TOKENS = 4  # decode tokens per trial window
 TRIAL_PAIRS = 8  # on/off pairs of windows measured before a verdict is forced
 TRIAL_MIN_PAIRS = 3  # pairs before an early verdict (a difference of 2 s.e.)
+TRIAL_WARMUP = 2  # windows after the prompt not measured (the cache fills)
 TRIAL_EVERY = 8  # after it: a checking pair after this many verdict windows
 TRIAL_MEMORY = 16  # pairs the verdict averages
 
@@ -203,8 +205,11 @@ class _Trial:
     0.74-0.93x of prefetch off there while the rule let its reads through.
     The trial has the last word. Single-token forward passes are grouped in
     windows of ``TRIAL_TOKENS``, run with prefetch allowed (hints computed,
-    reads issued) or not (nothing computed or read), in pairs whose order
-    alternates (on-off, off-on) so that drift cancels; each pair gives the
+    reads issued) or not (nothing computed or read), in pairs whose order is
+    drawn at random, after ``TRIAL_WARMUP`` windows not measured. A fixed
+    order (on-off, off-on, ...) measured identical arms 2-10% apart: the
+    same text puts its costly tokens (the cache filling after the prompt, a
+    burst of misses) in the same arm every run. Each pair gives the
     difference of mean token time, on minus off. After ``TRIAL_PAIRS`` pairs
     (``TRIAL_MIN_PAIRS`` when the difference is already clear: the
     exploration costs the "on" half of its windows' slowdown), prefetch stays
@@ -215,11 +220,17 @@ class _Trial:
     are not timed and do not end a window.
     """
 
-    def __init__(self) -> None:
+    def __init__(
+        self, rng: random.Random | None = None, warmup: int = TRIAL_WARMUP
+    ) -> None:
+        self._rng = rng if rng is not None else random.Random()
+        self._warmup = warmup  # windows still to skip
         self.allowed = True  # the current window's arm
         self._mark: float | None = None  # start of the previous timed pass
         self._times: list[float] = []  # token times of the current window
-        self._plan: deque[bool] = deque([False])  # arms left in this pair
+        self._plan: deque[bool] = deque()  # arms left in this pair
+        if not warmup:
+            self._start_pair()
         self._pair: dict[bool, float] = {}  # arm -> mean token time, this pair
         self.pairs: deque[tuple[float, float]] = deque(maxlen=TRIAL_MEMORY)
         self.n_pairs = 0
@@ -253,6 +264,11 @@ class _Trial:
             return
         mean = sum(self._times) / len(self._times)
         self._times.clear()
+        if self._warmup:
+            self._warmup -= 1
+            if not self._warmup:
+                self._start_pair()
+            return
         if self._pair or self._plan:  # this window was half of a pair
             self._pair[self.allowed] = mean
             if len(self._pair) == 2:
@@ -262,14 +278,19 @@ class _Trial:
         if not self._plan:
             verdict = self.verdict
             if verdict is None or self._since_check >= TRIAL_EVERY:
-                first = self.n_pairs % 2 == 0  # on-off, then off-on, ...
-                self._plan.extend([first, not first])
+                self._start_pair()
                 self._since_check = 0
-            else:
-                self._since_check += 1
-                self.allowed = verdict
                 return
+            self._since_check += 1
+            self.allowed = verdict
+            return
         self.allowed = self._plan.popleft()
+
+    def _start_pair(self) -> None:
+        """The next two windows: on and off, in random order."""
+        first = self._rng.random() < 0.5
+        self.allowed = first
+        self._plan.append(not first)
 
     def stats(self) -> dict[str, Any]:
         n = len(self.pairs)
