@@ -254,6 +254,15 @@ class Predictor:
         """What :meth:`_scores` takes of the preview ``[T, D]``: its sketch."""
         return self.sketch(preview)
 
+    def preview_residual(
+        self, layer: int, experts: np.ndarray, hidden: np.ndarray
+    ) -> np.ndarray:
+        """The residual ``[T, D]`` to take layer ``layer+1``'s attention preview
+        of, given ``hidden`` entering ``layer``'s MoE block and its routing
+        ``experts`` ``[T, K]``: ``hidden`` itself (``shadow`` adds its
+        surrogate MoE output)."""
+        return hidden
+
     def observe(
         self,
         layer: int,
@@ -536,6 +545,9 @@ class ShadowPredictor(Predictor):
     def _preview_input(self, preview: np.ndarray) -> np.ndarray:
         return preview  # the router takes the whole vector
 
+    def preview_residual(self, layer, experts, hidden):
+        return hidden + self.shadow_output(layer, experts, hidden)
+
     def normed(self, hidden: np.ndarray, layer: int) -> np.ndarray:
         """f32 ``[T, D]``: ``hidden`` after layer ``layer``'s ffn RMS norm."""
         eps = np.float32(self.meta["rms_norm_eps"])
@@ -575,9 +587,14 @@ class ShadowPredictor(Predictor):
                 "observe: the shadow predictor needs preview (or at least hidden)"
             )
         v = np.asarray(v, np.float32).reshape(x.shape[0], -1)
-        z = self.normed(v, layer + 1) @ self.arrays["routers"][layer + 1].T
+        return self.router_probs(layer + 1, v)[:, None, :]
+
+    def router_probs(self, layer: int, v: np.ndarray) -> np.ndarray:
+        """f32 ``[T, E]``: layer ``layer``'s router softmax on ``v`` ``[T, D]``
+        (the residual entering its MoE block, before the norm)."""
+        z = self.normed(v, layer) @ self.arrays["routers"][layer].T
         z = np.exp(z - z.max(-1, keepdims=True))
-        return (z / z.sum(-1, keepdims=True))[:, None, :].astype(np.float32)
+        return (z / z.sum(-1, keepdims=True)).astype(np.float32)
 
     def predict_trace(self, trace) -> np.ndarray:
         raise UsageError(

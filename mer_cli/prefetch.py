@@ -679,9 +679,7 @@ def prefetch_hint(
             wants = getattr(pred, "wants_preview", False)
             if cache is not None and nxt is not None and wants:
                 nw = engine.layers[nxt]
-                xp = x
-                if hasattr(pred, "shadow_output"):  # the preview of x + y~
-                    xp = x + pred.shadow_output(layer, ids[-1:], x[-1:])
+                xp = pred.preview_residual(layer, ids[-1:], x[-1:])
                 pv = attention_preview(engine.arch, nw, nxt, xp, cache, start)
             out = observe(engine, pred, layer, ids, x, start, pv)
             hints = predicted(pred, out, layer, L, CANDIDATES_PER_K * ids.shape[-1])

@@ -32,6 +32,7 @@ import numpy as np
 
 from mer_cli.errors import UsageError
 from mer_cli.predictors import ShadowPredictor
+from mer_cli.units import format_size
 
 RANK = 32  # surrogate rank (clipped to the model width)
 RIDGE = 1e-3  # ridge strength per sample (relative to the identity)
@@ -112,12 +113,9 @@ def _replay(
 
 
 def _check_model(store: Any, trace: Any) -> None:
-    if store.store_id.hex() != trace.meta["store_id"]:
-        raise UsageError(
-            f"--model {store.path}: is store {store.store_id.hex()}, but the "
-            f"traces were recorded from store {trace.meta['store_id']}; give the "
-            "store they were recorded from"
-        )
+    from mer_cli.train_predictor import check_traced_store
+
+    check_traced_store(store, trace)
     cfg = store.model
     if cfg.shared_expert_ffn or cfg.routing != "topk_softmax":
         raise UsageError(
@@ -147,8 +145,8 @@ def fit_shadow(
     if need > MAX_FIT_BYTES:
         raise UsageError(
             f"--kind shadow: fitting {L * E} experts of width {D} holds "
-            f"{need / 2**30:.1f} GiB of statistics, over the "
-            f"{MAX_FIT_BYTES >> 30} GiB this fit allows (a layer-by-layer fit "
+            f"{format_size(need)} of statistics, over the "
+            f"{format_size(MAX_FIT_BYTES)} this fit allows (a layer-by-layer fit "
             "is not written yet); use --kind mlp+preview for a model this wide"
         )
     xtx = np.zeros((L, E, D + 1, D + 1))
@@ -185,10 +183,9 @@ def fit_shadow(
                 a_in[la, e], a_out[la, e] = reduced_rank_fit(
                     xtx[la, e], xty[la, e], int(n[la, e]), R
                 )
-    routers = np.stack([store.tensor_f32(f"layers.{j}.router") for j in range(L)])
-    norms = np.stack(
-        [store.tensor_f32(f"layers.{j}.ffn_norm").reshape(-1) for j in range(L)]
-    )
+    from mer_cli.train_predictor import store_routers
+
+    routers, norms = store_routers(store)
     meta = {
         **meta,
         "kind": "shadow",
@@ -199,8 +196,8 @@ def fit_shadow(
     arrays = {
         "shadow_in": a_in,
         "shadow_out": a_out,
-        "routers": routers.astype(np.float32),
-        "router_norms": norms.astype(np.float32),
+        "routers": routers,
+        "router_norms": norms,
     }
     return ShadowPredictor(meta, arrays)
 
@@ -225,13 +222,12 @@ def shadow_scores(
     def hook(ev) -> None:
         if ev.layer + 1 >= L:
             return
-        y = pred.shadow_output(ev.layer, ev.ids, ev.residual)
+        xp = pred.preview_residual(ev.layer, ev.ids, ev.residual)
         nw = engine.layers[ev.layer + 1]
         pv = attention_preview(
-            engine.arch, nw, ev.layer + 1, ev.residual + y, engine.cache, ev.start
+            engine.arch, nw, ev.layer + 1, xp, engine.cache, ev.start
         )
-        s = pred._scores(ev.layer, ev.ids, None, None, None, None, preview=pv)
-        cur.setdefault(ev.layer, []).append(s[:, 0])
+        cur.setdefault(ev.layer, []).append(pred.router_probs(ev.layer + 1, pv))
 
     try:
         for rows in _replay(engine, test, hook, progress, "shadow scores", True):

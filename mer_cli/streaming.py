@@ -126,7 +126,6 @@ class StreamedExperts:
         self._reqs: dict[int, ReadRequest] = {}  # slot -> read in flight into it
         # slots filled by prefetch, not yet resolved -> (probability, probe, kind)
         self._prefetched: dict[int, tuple[float, bool, str]] = {}
-        self._pf_issued_at: dict[int, float] = {}  # slot -> perf_counter at issue
         # used prefetches still being read -> (probability, probe, kind, asked at)
         self._pf_late: dict[int, tuple[float, bool, str, float]] = {}
         self.throttle = PrefetchThrottle(self.L, store.extent_nbytes)
@@ -186,7 +185,6 @@ class StreamedExperts:
         A used one still being read is told when it lands (:meth:`_pf_landed`),
         with the stall it saved."""
         p, probe, kind = self._prefetched.pop(slot)
-        self._pf_issued_at.pop(slot, None)
         if used and late:
             self._pf_late[slot] = (p, probe, kind, time.perf_counter())
             return
@@ -491,7 +489,6 @@ class StreamedExperts:
                 break  # everything held is worth more than these candidates
             self._evict_into(s, key)
             self._prefetched[s] = (p, how == "probe", kind)
-            self._pf_issued_at[s] = time.perf_counter()
             self._submit(s, key, PREFETCH)
             th.started(how)
             self.pf_issued += 1

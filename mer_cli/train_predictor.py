@@ -778,12 +778,7 @@ def load_routers(
     from mer_cli.formats.store import Store
 
     store = Store.open(model)
-    if store.store_id.hex() != trace.meta["store_id"]:
-        raise UsageError(
-            f"--model {model}: is store {store.store_id.hex()}, but the traces "
-            f"were recorded from store {trace.meta['store_id']}; give the store "
-            "they were recorded from"
-        )
+    check_traced_store(store, trace)
     depth = lookahead_depth(trace.meta)
     if depth < A:
         raise UsageError(
@@ -793,12 +788,27 @@ def load_routers(
             "the traces record no router lookahead, which --model needs: record "
             f"them with mer trace --lookahead {A}"
         )  # fmt: skip
+    return (*store_routers(store), float(store.model.rms_norm_eps))
+
+
+def check_traced_store(store, trace: Trace) -> None:
+    """:class:`UsageError` unless ``trace`` was recorded from ``store``."""
+    if store.store_id.hex() != trace.meta["store_id"]:
+        raise UsageError(
+            f"--model {store.path}: is store {store.store_id.hex()}, but the "
+            f"traces were recorded from store {trace.meta['store_id']}; give the "
+            "store they were recorded from"
+        )
+
+
+def store_routers(store) -> tuple[np.ndarray, np.ndarray]:
+    """Every layer's router f32 ``[L, E, D]`` and ffn norm weight ``[L, D]``."""
     L = store.model.num_layers
     R = np.stack([store.tensor_f32(f"layers.{j}.router") for j in range(L)])
     W = np.stack(
         [store.tensor_f32(f"layers.{j}.ffn_norm").reshape(-1) for j in range(L)]
     )
-    return R, W, float(store.model.rms_norm_eps)
+    return R.astype(np.float32), W.astype(np.float32)
 
 
 def format_report(r: Report) -> str:

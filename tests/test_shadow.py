@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from conftest import make_hf_checkpoint
 
 from mer_cli.cli import cli
-from mer_cli.errors import FormatError
+from mer_cli.errors import FormatError, UsageError
 from mer_cli.formats.store import Store
 from mer_cli.formats.trace import Trace
 from mer_cli.predictors import load_predictor
@@ -55,8 +55,9 @@ def test_reduced_rank_fit_is_least_squares_then_projection():
 
 @pytest.fixture(scope="module")
 def fitted(tmp_path_factory):
-    """A tiny f32 Mixtral store, a trace of PROMPTS and a shadow predictor
-    fitted on it (train-predictor --kind best --model)."""
+    """A tiny f32 Mixtral store, a trace of PROMPTS, the report of
+    train-predictor --kind best --model on it, and the shadow predictor
+    (--kind shadow, same split)."""
     from mer_cli.quantize import quantize
     from mer_cli.trace import trace
 
@@ -64,10 +65,15 @@ def fitted(tmp_path_factory):
     ck = make_hf_checkpoint(d / "ck", "mixtral", seed=5, layers=3, num_local_experts=6)
     store = quantize(ck, d / "m.mer", experts="f32", dense="f32", progress=False)
     trace(store, PROMPTS, d / "t.npz", max_tokens=24, progress=False)
-    out = d / "p.npz"
     rep = train_predictor(
-        [d / "t.npz"], out, model=store, epochs=5, progress=False, holdout=0.25
-    )
+        [d / "t.npz"], d / "best.npz", model=store, epochs=5, progress=False,
+        holdout=0.25,
+    )  # fmt: skip
+    out = d / "shadow.npz"
+    train_predictor(
+        [d / "t.npz"], out, model=store, kind="shadow", epochs=5, progress=False,
+        holdout=0.25,
+    )  # fmt: skip
     return store, Trace.load(d / "t.npz"), out, rep
 
 
@@ -95,10 +101,7 @@ def test_expert_outputs_are_the_moe_blocks(fitted):
 def test_surrogates_stand_for_the_experts(fitted):
     store, t, out, rep = fitted
     st = Store.open(store)
-    pred = load_predictor(out, st) if rep.chosen == "shadow" else None
-    if pred is None:  # best chose another kind: fit shadow alone
-        train_predictor([t.path], out, model=store, kind="shadow", progress=False)
-        pred = load_predictor(out, st)
+    pred = load_predictor(out, st)
     assert pred.kind == "shadow" and pred.max_distance == 1
     # on a new prompt's real inputs, each selected expert's surrogate explains
     # much of its output (a linear map cannot explain all of a SwiGLU)
@@ -136,8 +139,6 @@ def test_held_out_recall_beats_the_plain_preview(fitted):
     st = Store.open(store)
     _, te = split_by_prompt(t, 0.25, 0)
     test = subset(t, te)
-    if rep.chosen != "shadow":
-        pytest.skip("best chose another predictor; recall checked above")
     s = shadow_scores(st, test, load_predictor(out, st), progress=False)
     top = np.argsort(-s[:, :-1, 0], -1, kind="stable")[..., :k]  # [N, L-1, k]
     X = np.zeros((test.num_tokens, st.model.num_layers, st.model.num_experts))
@@ -158,7 +159,6 @@ def test_live_decode_scores_equal_the_replay(fitted, tmp_path):
     from mer_cli.trace import trace
 
     store, t, out, rep = fitted
-    train_predictor([t.path], out, model=store, kind="shadow", progress=False)
     st = Store.open(store)
     pred = load_predictor(out, st)
     seen = []
@@ -202,7 +202,6 @@ def test_widened_shadow_computes_the_same_surrogates(fitted, tmp_path):
     from mer_cli.widen import widen_predictor, widen_store
 
     store, t, out, rep = fitted
-    train_predictor([t.path], out, model=store, kind="shadow", progress=False)
     st = Store.open(store)
     D = st.model.hidden_size
     F = st.model.expert_ffn
@@ -225,11 +224,35 @@ def test_refusals(fitted, tmp_path):
               "--kind", "shadow"],
     )  # fmt: skip
     assert r.exit_code == 2 and "--kind shadow needs --model STORE" in r.output
-    train_predictor([t.path], out, model=store, kind="shadow", progress=False)
     p = load_predictor(out)
-    p.meta = {**p.meta, "max_distance": 2}
+    meta = dict(p.meta)
+    p.meta = {**meta, "max_distance": 2}
+    p.save(tmp_path / "bad.npz")
     with pytest.raises(FormatError, match="max_distance is 2 for a shadow"):
-        p.save(tmp_path / "bad.npz")
         load_predictor(tmp_path / "bad.npz")
-    with pytest.raises(Exception, match="hidden states"):
+    p.meta = {k: v for k, v in meta.items() if k != "rms_norm_eps"}
+    p.save(tmp_path / "bad2.npz")
+    with pytest.raises(FormatError, match="rms_norm_eps is None"):
+        load_predictor(tmp_path / "bad2.npz")
+    with pytest.raises(UsageError, match="hidden states"):
         load_predictor(out).predict_trace(t)
+
+
+def test_fit_refusals(fitted, monkeypatch):
+    import dataclasses
+
+    import mer_cli.shadow as sh
+
+    store, t, out, rep = fitted
+    st = Store.open(store)
+    meta = load_predictor(out).meta
+    other = subset(t, np.ones(t.num_tokens, bool))
+    other.meta["store_id"] = "ab" * 16
+    with pytest.raises(UsageError, match="traces were recorded from store abab"):
+        sh.fit_shadow(st, other, meta, progress=False)
+    monkeypatch.setattr(sh, "MAX_FIT_BYTES", 1 << 20)
+    with pytest.raises(UsageError, match="MiB of statistics, over the 1.0 MiB"):
+        sh.fit_shadow(st, t, meta, progress=False)
+    st.model = dataclasses.replace(st.model, routing="sigmoid")
+    with pytest.raises(UsageError, match="routes with sigmoid.*--kind mlp\\+preview"):
+        sh.fit_shadow(st, t, meta, progress=False)

@@ -210,12 +210,13 @@ def command(
     on this layer's hidden state); with --predictor PRED the predictor's scores
     for the next 1-3 layers, which also feed the cache's eviction. A throttle
     calibrates the scores by how often hinted experts were really used and
-    issues a read only when probability x the measured stall of a demand miss
-    exceeds the drive time a wasted read takes from demand reads (its read
-    time x how busy the drive is), with no more in flight than the drive reads
-    during one layer's compute; when precision collapses prefetch turns itself
-    off and only probes now and then. Over it all, a trial times decode itself:
-    windows of 4 tokens alternate with prefetch allowed and not, and prefetch
+    issues a read only when probability x the stall a used prefetch was
+    measured to save (at most a demand miss's) exceeds the drive time a wasted
+    read takes from demand reads (its read time x how busy the drive is), with
+    no more in flight than the drive reads during one layer's compute; when
+    precision collapses prefetch turns itself off and only probes now and then.
+    Over it all, a trial times decode itself: pairs of 4-token windows, one
+    with prefetch allowed and one without, in random order, and prefetch
     stays on only while it is measured faster (a checking pair every few
     windows keeps measuring). Demand reads always go first. --stats shows what
     the throttle and the trial did.
